@@ -1,0 +1,351 @@
+"""DiT: a transformer that denoises latent patches, conditioned by adaLN-Zero on timestep and class.
+
+Parameter names and shapes follow the official release, so its checkpoints load with strict=True.
+Read top to bottom: embeddings, the block, the final layer, the model, the 12 configs, op counting.
+"""
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+from timm.models.vision_transformer import Attention, Mlp, PatchEmbed
+from torch.utils.checkpoint import checkpoint
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Per-sample affine transform of every token: shift/scale are (N, D), x is (N, T, D)."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixed 2-D sin-cos position table (computed in float64, as the official numpy code does)
+# ---------------------------------------------------------------------------------------------
+
+def get_1d_sincos_pos_embed_from_grid(embed_dim: int, pos: np.ndarray) -> np.ndarray:
+    """(M,) positions -> (M, embed_dim) table: [sin | cos] of pos / 10000^(2i/embed_dim)."""
+    if embed_dim % 2:
+        raise ValueError(f"sin-cos embedding needs an even dimension, got {embed_dim}")
+    omega = 1.0 / 10000 ** (np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0))
+    angles = np.outer(pos.reshape(-1), omega)
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+
+def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
+    """(grid_size**2, embed_dim) table; the first half of the channels encodes grid[0] (the w axis)."""
+    if embed_dim % 4:
+        raise ValueError(f"2-D sin-cos embedding needs a dimension divisible by 4, got {embed_dim}")
+    coords = np.arange(grid_size, dtype=np.float32)
+    grid = np.stack(np.meshgrid(coords, coords), axis=0)  # meshgrid(w, h): grid[0] varies along w
+    first = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, grid[0])
+    second = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, grid[1])
+    return np.concatenate([first, second], axis=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Conditioning embedders
+# ---------------------------------------------------------------------------------------------
+
+class TimestepEmbedder(nn.Module):
+    """Scalar timesteps -> D-dim vectors: 256 sinusoidal features, then Linear-SiLU-Linear."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+        self.frequency_embedding_size = frequency_embedding_size
+
+    @staticmethod
+    def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000) -> torch.Tensor:
+        """(N,) possibly fractional timesteps -> (N, dim) float32 features, [cos | sin]."""
+        half = dim // 2
+        freqs = torch.exp(
+            -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+        )
+        args = t[:, None].float() * freqs[None]
+        embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if dim % 2:
+            embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+        return embedding
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        t_freq = self.timestep_embedding(t, self.frequency_embedding_size)
+        # Follow the weights' dtype so a model cast to bf16/fp16 still runs outside autocast.
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels -> D-dim vectors. Row `num_classes` is the null class used for CFG dropout."""
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__()
+        has_null_class = dropout_prob > 0
+        self.embedding_table = nn.Embedding(num_classes + int(has_null_class), hidden_size)
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    def token_drop(self, labels: torch.Tensor, force_drop_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Swap labels for the null class: at random in training, or where force_drop_ids == 1."""
+        if force_drop_ids is None:
+            # Exactly one rand(N) draw on the labels' device, as in the official code.
+            drop_ids = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+        else:
+            drop_ids = force_drop_ids == 1
+        return torch.where(drop_ids, self.num_classes, labels)
+
+    def forward(self, labels: torch.Tensor, train: bool, force_drop_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
+            labels = self.token_drop(labels, force_drop_ids)
+        return self.embedding_table(labels)
+
+
+# ---------------------------------------------------------------------------------------------
+# Transformer blocks
+# ---------------------------------------------------------------------------------------------
+
+class DiTBlock(nn.Module):
+    """Pre-norm transformer block whose norms are modulated, and residuals gated, by c (adaLN-Zero)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(
+            in_features=hidden_size,
+            hidden_features=int(hidden_size * mlp_ratio),
+            act_layer=lambda: nn.GELU(approximate="tanh"),
+            drop=0,
+        )
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """Modulated LayerNorm, then a Linear from each token to its p*p*out_channels patch values."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+class DiT(nn.Module):
+    """Diffusion model with a transformer backbone: (x_t, t, y) -> [eps, variance interpolation]."""
+
+    def __init__(
+        self,
+        input_size: int = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        class_dropout_prob: float = 0.1,
+        num_classes: int = 1000,
+        learn_sigma: bool = True,
+        gradient_checkpointing: bool = False,
+    ):
+        super().__init__()
+        if input_size % patch_size:
+            raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        self.learn_sigma = learn_sigma
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.input_size = input_size
+        self.patch_size = patch_size
+        self.num_heads = num_heads
+        self.num_classes = num_classes
+        self.gradient_checkpointing = gradient_checkpointing
+
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        num_patches = self.x_embedder.num_patches
+        # Fixed sin-cos table; a parameter (not a buffer) only so checkpoints keep the official keys.
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """Official init; every adaLN output and the final Linear start at zero, so output == 0."""
+        def xavier_linear(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+        self.apply(xavier_linear)
+
+        grid_size = int(self.x_embedder.num_patches ** 0.5)
+        pos_embed = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], grid_size)
+        self.pos_embed.data.copy_(torch.from_numpy(pos_embed).float().unsqueeze(0))
+
+        # The patch conv is a Linear over each flattened p x p x C patch: initialise it as one.
+        conv_weight = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(conv_weight.view(conv_weight.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute block activations in backward: less memory, same outputs and gradients."""
+        self.gradient_checkpointing = enabled
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, T, p*p*C) tokens in row-major order -> (N, C, H, W) images."""
+        c, p = self.out_channels, self.patch_size
+        h = w = int(x.shape[1] ** 0.5)
+        if h * w != x.shape[1]:
+            raise ValueError(f"unpatchify expects a square token grid, got {x.shape[1]} tokens")
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], c, h * p, w * p)
+
+    def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> None:
+        """Raise ValueError naming the expected shape/range, before timm's asserts or an index error."""
+        if x.ndim != 4:
+            raise ValueError(f"x must be (N, {self.in_channels}, {self.input_size}, {self.input_size}), got {tuple(x.shape)}")
+        n, channels, height, width = x.shape
+        if channels != self.in_channels:
+            raise ValueError(f"x has {channels} channels, the model expects in_channels={self.in_channels}")
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(f"x spatial size {height}x{width} is not divisible by patch_size {self.patch_size}")
+        if height != self.input_size or width != self.input_size:
+            raise ValueError(f"x spatial size {height}x{width} differs from the model's input_size {self.input_size}")
+        if t.ndim != 1 or t.shape[0] != n:
+            raise ValueError(f"t must have shape ({n},) to match x's batch, got {tuple(t.shape)}")
+        if y.ndim != 1 or y.shape[0] != n:
+            raise ValueError(f"y must have shape ({n},) to match x's batch, got {tuple(y.shape)}")
+        if y.is_floating_point() or y.is_complex():
+            raise ValueError(f"y must hold integer class labels, got dtype {y.dtype}")
+        largest = self.y_embedder.embedding_table.num_embeddings - 1
+        checkable = n and y.device.type != "meta" and not torch.compiler.is_compiling()
+        if checkable and (int(y.min()) < 0 or int(y.max()) > largest):
+            raise ValueError(
+                f"labels must lie in [0, {largest}] (num_classes={self.num_classes}"
+                f"{', null class included' if largest == self.num_classes else ''}), "
+                f"got min {int(y.min())} max {int(y.max())}"
+            )
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x: (N, C, H, W) noisy latents, t: (N,) timesteps, y: (N,) labels -> (N, out_channels, H, W)."""
+        self._check_inputs(x, t, y)
+        x = self.x_embedder(x) + self.pos_embed
+        c = self.t_embedder(t) + self.y_embedder(y, self.training)
+        for block in self.blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, c, use_reentrant=False)
+            else:
+                x = block(x, c)
+        x = self.final_layer(x, c)
+        return self.unpatchify(x)
+
+    def forward_with_cfg(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        cfg_scale: float,
+        guide_all_channels: bool = False,
+    ) -> torch.Tensor:
+        """Classifier-free guidance over a batch of [conditional half, null-label half].
+
+        The first half of x is used for both halves. By default the guided eps covers the first 3
+        channels only: that is how the released models were evaluated (FID 2.27 for XL/2).
+        guide_all_channels=True guides every eps channel, which is the textbook formulation.
+        """
+        if x.shape[0] % 2:
+            raise ValueError(f"forward_with_cfg needs an even batch (cond half, uncond half), got {x.shape[0]}")
+        half = x[: len(x) // 2]
+        model_out = self.forward(torch.cat([half, half], dim=0), t, y)
+        guided = self.in_channels if guide_all_channels else min(3, self.in_channels)
+        eps, rest = model_out[:, :guided], model_out[:, guided:]
+        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
+        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+        eps = torch.cat([half_eps, half_eps], dim=0)
+        return torch.cat([eps, rest], dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The 12 configs of the paper (Table 4)
+# ---------------------------------------------------------------------------------------------
+
+def DiT_XL_2(**kwargs): return DiT(depth=28, hidden_size=1152, patch_size=2, num_heads=16, **kwargs)
+def DiT_XL_4(**kwargs): return DiT(depth=28, hidden_size=1152, patch_size=4, num_heads=16, **kwargs)
+def DiT_XL_8(**kwargs): return DiT(depth=28, hidden_size=1152, patch_size=8, num_heads=16, **kwargs)
+def DiT_L_2(**kwargs): return DiT(depth=24, hidden_size=1024, patch_size=2, num_heads=16, **kwargs)
+def DiT_L_4(**kwargs): return DiT(depth=24, hidden_size=1024, patch_size=4, num_heads=16, **kwargs)
+def DiT_L_8(**kwargs): return DiT(depth=24, hidden_size=1024, patch_size=8, num_heads=16, **kwargs)
+def DiT_B_2(**kwargs): return DiT(depth=12, hidden_size=768, patch_size=2, num_heads=12, **kwargs)
+def DiT_B_4(**kwargs): return DiT(depth=12, hidden_size=768, patch_size=4, num_heads=12, **kwargs)
+def DiT_B_8(**kwargs): return DiT(depth=12, hidden_size=768, patch_size=8, num_heads=12, **kwargs)
+def DiT_S_2(**kwargs): return DiT(depth=12, hidden_size=384, patch_size=2, num_heads=6, **kwargs)
+def DiT_S_4(**kwargs): return DiT(depth=12, hidden_size=384, patch_size=4, num_heads=6, **kwargs)
+def DiT_S_8(**kwargs): return DiT(depth=12, hidden_size=384, patch_size=8, num_heads=6, **kwargs)
+
+
+DiT_models = {
+    "DiT-XL/2": DiT_XL_2, "DiT-XL/4": DiT_XL_4, "DiT-XL/8": DiT_XL_8,
+    "DiT-L/2": DiT_L_2, "DiT-L/4": DiT_L_4, "DiT-L/8": DiT_L_8,
+    "DiT-B/2": DiT_B_2, "DiT-B/4": DiT_B_4, "DiT-B/8": DiT_B_8,
+    "DiT-S/2": DiT_S_2, "DiT-S/4": DiT_S_4, "DiT-S/8": DiT_S_8,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Complexity, counted from the operations a forward pass actually runs
+# ---------------------------------------------------------------------------------------------
+
+def count_forward_gmacs(model: DiT) -> float:
+    """Multiply-accumulates (in billions) of one single-image forward, attention matmuls included.
+
+    Works on a model built on the meta device (no memory, no time spent on real numbers); the
+    counter reports 2 FLOPs per multiply-accumulate. The paper's "Gflops" column (Table 4) is this.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = model.pos_embed.device
+    x = torch.zeros(1, model.in_channels, model.input_size, model.input_size, device=device)
+    t = torch.zeros(1, device=device)
+    y = torch.zeros(1, dtype=torch.long, device=device)
+    counter = FlopCounterMode(display=False)
+    was_training = model.training
+    # The math backend spells attention out as matmuls, which the counter sees on every device.
+    with counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        model.eval()
+        model(x, t, y)
+    model.train(was_training)
+    return counter.get_total_flops() / 2 / 1e9

@@ -1,0 +1,246 @@
+"""models.py: configs, complexity, initialisation, dtypes, checkpointing and input validation."""
+import math
+
+import pytest
+import torch
+
+from models import DiT, DiT_models, count_forward_gmacs, get_2d_sincos_pos_embed
+
+# Paper, Table 4: Gflops of one forward at 256x256 (latent 32x32).
+PAPER_GFLOPS = {
+    "DiT-S/8": 0.36, "DiT-S/4": 1.41, "DiT-S/2": 6.06,
+    "DiT-B/8": 1.42, "DiT-B/4": 5.56, "DiT-B/2": 23.01,
+    "DiT-L/8": 5.01, "DiT-L/4": 19.70, "DiT-L/2": 80.71,
+    "DiT-XL/8": 7.39, "DiT-XL/4": 29.05, "DiT-XL/2": 118.64,
+}
+# The paper's model sizes: 33M / 130M / 458M / 675M parameters (the /8 variants carry a larger
+# patch projection, up to 0.7% more).
+PAPER_PARAMS_M = {"S": 33, "B": 130, "L": 458, "XL": 675}
+
+TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10)
+
+
+def randomized(model: DiT, seed: int = 0) -> DiT:
+    """Give a fresh model non-zero adaLN/final weights so outputs depend on every input."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+    return model
+
+
+def tiny_inputs(n: int = 4, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, 8, 8, generator=generator)
+    t = torch.randint(0, 1000, (n,), generator=generator)
+    y = torch.randint(0, 10, (n,), generator=generator)
+    return x, t, y
+
+
+def meta_model(name: str, input_size: int = 32) -> DiT:
+    with torch.device("meta"):
+        return DiT_models[name](input_size=input_size)
+
+
+@pytest.mark.parametrize("name", list(PAPER_GFLOPS))
+def test_gflops_match_paper_table4(name):
+    gmacs = count_forward_gmacs(meta_model(name))
+    paper = PAPER_GFLOPS[name]
+    assert abs(gmacs - paper) <= max(0.005 * paper, 0.005), (name, gmacs, paper)
+
+
+def expected_param_count(depth: int, width: int, patch: int, latent: int = 32, channels: int = 4) -> int:
+    """Closed form, layer by layer, independent of the module code."""
+    d, tokens, out = width, (latent // patch) ** 2, 2 * channels
+    embed = d * channels * patch * patch + d + (256 * d + d) + (d * d + d) + 1001 * d + tokens * d
+    block = (3 * d * d + 3 * d) + (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d) + (6 * d * d + 6 * d)
+    final = (2 * d * d + 2 * d) + (patch * patch * out * d + patch * patch * out)
+    return embed + depth * block + final
+
+
+@pytest.mark.parametrize("name", list(PAPER_GFLOPS))
+def test_param_counts(name):
+    size, patch = name.split("-")[1].split("/")
+    depth, width = {"S": (12, 384), "B": (12, 768), "L": (24, 1024), "XL": (28, 1152)}[size]
+    params = sum(p.numel() for p in meta_model(name).parameters())
+    assert params == expected_param_count(depth, width, int(patch))
+    assert abs(params / 1e6 - PAPER_PARAMS_M[size]) <= 0.01 * PAPER_PARAMS_M[size]
+
+
+def test_exact_official_param_counts():
+    assert sum(p.numel() for p in meta_model("DiT-XL/2").parameters()) == 675_129_632
+    assert sum(p.numel() for p in meta_model("DiT-S/2").parameters()) == 32_963_360
+
+
+def test_gmacs_counted_on_real_tensors_equal_meta_count():
+    with torch.device("meta"):
+        on_meta = DiT(**TINY)
+    assert count_forward_gmacs(DiT(**TINY)) == count_forward_gmacs(on_meta) > 0
+
+
+def test_xl2_checkpoint_layout():
+    state = meta_model("DiT-XL/2").state_dict()
+    expected_shapes = {
+        "pos_embed": (1, 256, 1152),
+        "x_embedder.proj.weight": (1152, 4, 2, 2),
+        "t_embedder.mlp.0.weight": (1152, 256),
+        "t_embedder.mlp.2.weight": (1152, 1152),
+        "y_embedder.embedding_table.weight": (1001, 1152),
+        "blocks.27.attn.qkv.weight": (3456, 1152),
+        "blocks.27.attn.proj.weight": (1152, 1152),
+        "blocks.27.mlp.fc1.weight": (4608, 1152),
+        "blocks.27.mlp.fc2.weight": (1152, 4608),
+        "blocks.27.adaLN_modulation.1.weight": (6912, 1152),
+        "final_layer.linear.weight": (32, 1152),
+        "final_layer.adaLN_modulation.1.weight": (2304, 1152),
+    }
+    for key, shape in expected_shapes.items():
+        assert tuple(state[key].shape) == shape, key
+    assert len(state) == 1 + 2 + 4 + 1 + 28 * 10 + 4  # pos, x_emb, t_emb, y_emb, 28 blocks, final
+    assert "blocks.28.attn.qkv.weight" not in state
+
+
+def test_fresh_model_outputs_exactly_zero():
+    model = DiT(**TINY)
+    x, t, y = tiny_inputs()
+    out = model(x, t, y)
+    assert out.shape == (4, 8, 8, 8)
+    assert torch.count_nonzero(out) == 0
+
+
+def test_pos_embed_layout():
+    table = get_2d_sincos_pos_embed(8, 3)  # 3x3 grid, 8 channels: [w: sin|cos][h: sin|cos]
+    assert table.shape == (9, 8)
+    token = 1 * 3 + 2  # row 1, column 2 in row-major order
+    assert table[token, 0] == pytest.approx(math.sin(2.0), abs=1e-12)  # w = 2
+    assert table[token, 2] == pytest.approx(math.cos(2.0), abs=1e-12)
+    assert table[token, 4] == pytest.approx(math.sin(1.0), abs=1e-12)  # h = 1
+    assert table[token, 5] == pytest.approx(math.sin(1.0 / 100), abs=1e-12)  # second frequency
+    assert DiT(**TINY).pos_embed.requires_grad is False
+
+
+def test_unpatchify_inverts_patchify_order():
+    model = DiT(**{**TINY, "learn_sigma": False})
+    images = torch.randn(2, 4, 8, 8)
+    p = model.patch_size
+    # Row-major tokens, each flattened as (p, p, C): the layout the final Linear writes.
+    tokens = images.reshape(2, 4, 4, p, 4, p).permute(0, 2, 4, 3, 5, 1).reshape(2, 16, p * p * 4)
+    assert torch.equal(model.unpatchify(tokens), images)
+
+
+def test_label_dropout_uses_one_rand_and_null_class():
+    embedder = DiT(**TINY).y_embedder
+    labels = torch.arange(10)
+    torch.manual_seed(3)
+    dropped = embedder.token_drop(labels)
+    torch.manual_seed(3)
+    expected = torch.where(torch.rand(10) < 0.1, 10, labels)
+    assert torch.equal(dropped, expected)
+    forced = embedder.token_drop(labels, force_drop_ids=(labels % 2 == 0).long())
+    assert torch.equal(forced, torch.where(labels % 2 == 0, 10, labels))
+
+
+def test_no_null_row_without_dropout():
+    model = DiT(**{**TINY, "class_dropout_prob": 0.0})
+    assert model.y_embedder.embedding_table.num_embeddings == 10
+    x, t, _ = tiny_inputs(1)
+    with pytest.raises(ValueError, match=r"\[0, 9\]"):
+        model(x, t, torch.tensor([10]))
+
+
+def test_forward_with_cfg_guides_three_channels_by_default():
+    model = randomized(DiT(**TINY)).eval()
+    x, t, _ = tiny_inputs(4)
+    x = torch.cat([x[:2], x[:2]])
+    y = torch.tensor([1, 2, 10, 10])
+    with torch.no_grad():
+        raw = model(x, t, y)
+        default = model.forward_with_cfg(x, t, y, 4.0)
+        everything = model.forward_with_cfg(x, t, y, 4.0, guide_all_channels=True)
+    guided = raw[2:] + 4.0 * (raw[:2] - raw[2:])
+    torch.testing.assert_close(default[:2, :3], guided[:, :3])
+    torch.testing.assert_close(default[2:, :3], guided[:, :3])
+    torch.testing.assert_close(default[:, 3:], raw[:, 3:])  # channel 3 and the variances untouched
+    torch.testing.assert_close(everything[:2, :4], guided[:, :4])
+    torch.testing.assert_close(everything[:, 4:], raw[:, 4:])
+
+
+def test_gradient_checkpointing_changes_nothing():
+    model = randomized(DiT(**TINY)).train()
+    x, t, y = tiny_inputs()
+
+    def run():
+        model.zero_grad()
+        torch.manual_seed(0)  # label dropout draws from the global RNG
+        out = model(x, t, y)
+        (out ** 2).mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain_out, plain_grads = run()
+    model.enable_gradient_checkpointing()
+    ckpt_out, ckpt_grads = run()
+    assert torch.equal(plain_out, ckpt_out)
+    assert plain_grads.keys() == ckpt_grads.keys()
+    for name in plain_grads:
+        assert torch.equal(plain_grads[name], ckpt_grads[name]), name
+    assert DiT(**TINY, gradient_checkpointing=True).gradient_checkpointing
+
+
+def test_bf16_model_and_autocast_close_to_fp32():
+    model = randomized(DiT(**TINY)).eval()
+    x, t, y = tiny_inputs()
+    with torch.no_grad():
+        reference = model(x, t, y)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast_out = model(x, t, y)
+        cast_out = model.to(torch.bfloat16)(x.bfloat16(), t, y)
+    assert cast_out.dtype == torch.bfloat16
+    scale = reference.abs().max()
+    assert (autocast_out.float() - reference).abs().max() < 0.05 * scale
+    assert (cast_out.float() - reference).abs().max() < 0.05 * scale
+
+
+def test_timestep_embedding_follows_parameter_dtype():
+    model = DiT(**TINY).to(torch.float64)
+    emb = model.t_embedder(torch.tensor([0, 500]))
+    assert emb.dtype == torch.float64
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda x, t, y: (x[:, :, :7, :7], t, y), "not divisible by patch_size 2"),
+    (lambda x, t, y: (torch.randn(4, 4, 6, 6), t, y), "differs from the model's input_size 8"),
+    (lambda x, t, y: (x[:, :3], t, y), "in_channels=4"),
+    (lambda x, t, y: (x[0], t, y), r"\(N, 4, 8, 8\)"),
+    (lambda x, t, y: (x, t, torch.tensor([0, 1, 11, 2])), r"\[0, 10\]"),
+    (lambda x, t, y: (x, t, torch.tensor([0, -1, 1, 2])), r"\[0, 10\]"),
+    (lambda x, t, y: (x, t[:3], y), r"t must have shape \(4,\)"),
+    (lambda x, t, y: (x, t, y[:2]), r"y must have shape \(4,\)"),
+    (lambda x, t, y: (x, t, y.float()), "integer class labels"),
+])
+def test_bad_inputs_raise_value_error(change, message):
+    model = DiT(**TINY)
+    with pytest.raises(ValueError, match=message):
+        model(*change(*tiny_inputs()))
+
+
+def test_null_class_is_a_valid_label():
+    model = DiT(**TINY)
+    x, t, _ = tiny_inputs()
+    model(x, t, torch.full((4,), 10))
+
+
+def test_bad_configs_raise_value_error():
+    with pytest.raises(ValueError, match="not divisible by patch_size"):
+        DiT(**{**TINY, "input_size": 9})
+    with pytest.raises(ValueError, match="num_heads"):
+        DiT(**{**TINY, "num_heads": 5})
+    with pytest.raises(ValueError, match="even batch"):
+        DiT(**TINY).forward_with_cfg(*tiny_inputs(3), 1.5)
+
+
+def test_other_input_sizes_and_pixel_space():
+    model = DiT(input_size=12, patch_size=4, in_channels=3, hidden_size=32, depth=1, num_heads=2, num_classes=5)
+    out = model(torch.randn(2, 3, 12, 12), torch.tensor([1, 2]), torch.tensor([0, 5]))
+    assert out.shape == (2, 6, 12, 12)
+    assert count_forward_gmacs(meta_model("DiT-XL/2", 64)) > 4 * 118.6  # 512px: 4x tokens, more attention
