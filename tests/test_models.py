@@ -4,15 +4,9 @@ import math
 import pytest
 import torch
 
+from bench.model_table import PAPER_GFLOPS_256 as PAPER_GFLOPS
 from models import DiT, DiT_models, count_forward_gmacs, get_2d_sincos_pos_embed
 
-# Paper, Table 4: Gflops of one forward at 256x256 (latent 32x32).
-PAPER_GFLOPS = {
-    "DiT-S/8": 0.36, "DiT-S/4": 1.41, "DiT-S/2": 6.06,
-    "DiT-B/8": 1.42, "DiT-B/4": 5.56, "DiT-B/2": 23.01,
-    "DiT-L/8": 5.01, "DiT-L/4": 19.70, "DiT-L/2": 80.71,
-    "DiT-XL/8": 7.39, "DiT-XL/4": 29.05, "DiT-XL/2": 118.64,
-}
 # The paper's model sizes: 33M / 130M / 458M / 675M parameters (the /8 variants carry a larger
 # patch projection, up to 0.7% more).
 PAPER_PARAMS_M = {"S": 33, "B": 130, "L": 458, "XL": 675}
