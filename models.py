@@ -299,7 +299,7 @@ class DiT(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# The 12 configs of the paper (Table 4)
+# The 12 configs of the paper (Table 4), and small ones for CPU work
 # ---------------------------------------------------------------------------------------------
 
 def DiT_XL_2(**kwargs): return DiT(depth=28, hidden_size=1152, patch_size=2, num_heads=16, **kwargs)
@@ -316,11 +316,19 @@ def DiT_S_4(**kwargs): return DiT(depth=12, hidden_size=384, patch_size=4, num_h
 def DiT_S_8(**kwargs): return DiT(depth=12, hidden_size=384, patch_size=8, num_heads=6, **kwargs)
 
 
+# Not in the paper: small widths for CPU experiments, demos and tests. Ti follows ViT-Ti.
+def DiT_Ti_2(**kwargs): return DiT(depth=12, hidden_size=192, patch_size=2, num_heads=3, **kwargs)
+def DiT_Ti_4(**kwargs): return DiT(depth=12, hidden_size=192, patch_size=4, num_heads=3, **kwargs)
+def DiT_Nano_2(**kwargs): return DiT(depth=4, hidden_size=128, patch_size=2, num_heads=4, **kwargs)
+def DiT_Nano_4(**kwargs): return DiT(depth=4, hidden_size=128, patch_size=4, num_heads=4, **kwargs)
+
+
 DiT_models = {
     "DiT-XL/2": DiT_XL_2, "DiT-XL/4": DiT_XL_4, "DiT-XL/8": DiT_XL_8,
     "DiT-L/2": DiT_L_2, "DiT-L/4": DiT_L_4, "DiT-L/8": DiT_L_8,
     "DiT-B/2": DiT_B_2, "DiT-B/4": DiT_B_4, "DiT-B/8": DiT_B_8,
     "DiT-S/2": DiT_S_2, "DiT-S/4": DiT_S_4, "DiT-S/8": DiT_S_8,
+    "DiT-Ti/2": DiT_Ti_2, "DiT-Ti/4": DiT_Ti_4, "DiT-Nano/2": DiT_Nano_2, "DiT-Nano/4": DiT_Nano_4,
 }
 
 

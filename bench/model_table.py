@@ -32,8 +32,7 @@ def main() -> None:
 
     header = ["model", "params"] + [f"Gflops {s}px" for s in args.image_size] + ["paper Gflops 256px"]
     rows = []
-    for name in ["DiT-S/8", "DiT-S/4", "DiT-S/2", "DiT-B/8", "DiT-B/4", "DiT-B/2",
-                 "DiT-L/8", "DiT-L/4", "DiT-L/2", "DiT-XL/8", "DiT-XL/4", "DiT-XL/2"]:
+    for name in PAPER_GFLOPS_256:
         flops, params = [], None
         for size in args.image_size:
             with torch.device("meta"):

@@ -1,0 +1,58 @@
+"""Small things the script tests build for themselves: an image folder, a VAE, a way to run scripts."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_image_folder(root: Path, classes: int = 2, per_class: int = 8, size: int = 20, seed: int = 0) -> Path:
+    """class_k/ folders of random RGB PNGs (not square, to exercise the centre crop)."""
+    rng = np.random.default_rng(seed)
+    for label in range(classes):
+        folder = root / f"class_{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 256, size=(size, size + 4, 3), dtype=np.uint8)
+            pixels[..., label % 3] = 255 - 40 * label  # classes differ in colour
+            Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture
+def image_folder_path(tmp_path) -> Path:
+    return make_image_folder(tmp_path / "images")
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_path(tmp_path_factory) -> Path:
+    """A real diffusers AutoencoderKL (8x downsampling, 4 latent channels), saved with save_pretrained."""
+    import torch
+    from diffusers.models import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8),
+                        layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=16)
+    path = tmp_path_factory.mktemp("vae") / "tiny-vae"
+    vae.save_pretrained(path)
+    return path
+
+
+def run_script(*args, nproc: int = 0, timeout: float = 300, check: bool = True, env=None) -> subprocess.CompletedProcess:
+    """Run a project script with `python` (nproc=0) or under torchrun with nproc processes."""
+    if nproc:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    else:
+        command = [sys.executable]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    result = subprocess.run(command + [str(a) for a in args], cwd=ROOT, capture_output=True, text=True,
+                            timeout=timeout, env=full_env)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args[0]} exited {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}")
+    return result

@@ -1,0 +1,413 @@
+"""Train a DiT with DDP: `torchrun --nproc_per_node=N train.py --model DiT-XL/2 --data-path /imagenet/train`.
+
+Does what the official script does (same flags and defaults), and adds: CPU/gloo runs and plain
+`python train.py`, any image size, pixel-space or local VAEs, pre-extracted latents, exact resume,
+mixed precision, gradient checkpointing, torch.compile, warm-up, clipping, sample grids, metrics.
+"""
+import argparse
+import json
+import math
+import random
+import resource
+import signal
+import sys
+import time
+from copy import deepcopy
+from glob import glob
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler
+
+from common import (LatentFeatures, atomic_torch_save, cleanup_distributed, create_logger, decode, encode_posterior,
+                    image_folder, latent_shape, load_vae, sample_latents, setup_distributed, vae_scale)
+from diffusion import create_diffusion
+from models import DiT_models
+
+
+# ---- the pieces of one run -----------------------------------------------------------------------
+
+@torch.no_grad()
+def update_ema(ema_model: torch.nn.Module, model: torch.nn.Module, decay: float = 0.9999) -> None:
+    """ema = decay * ema + (1 - decay) * model, for every parameter, in two fused foreach ops."""
+    ema_params = list(ema_model.parameters())
+    model_params = [p.detach() for p in model.parameters()]
+    torch._foreach_mul_(ema_params, decay)
+    torch._foreach_add_(ema_params, model_params, alpha=1 - decay)
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler that can start an epoch part-way, so a resumed run sees the same batches."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.skip = 0
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.skip:])
+
+    def __len__(self):
+        return self.num_samples - self.skip
+
+
+def rng_state(device: torch.device) -> dict:
+    """Every generator a training step draws from, as plain tensors and lists (weights_only-safe)."""
+    numpy_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+    }
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def find_experiment(results_dir: str, model_name: str, resume: Optional[str]) -> tuple[Optional[Path], Optional[Path]]:
+    """(experiment folder to continue, checkpoint to load) for --resume; (None, None) starts afresh."""
+    if resume is None:
+        return None, None
+    if resume == "auto":
+        suffix = "-" + model_name.replace("/", "-")
+        for folder in sorted(Path(results_dir).glob(f"*{suffix}"), reverse=True):
+            checkpoints = sorted((folder / "checkpoints").glob("*.pt"))
+            if checkpoints:
+                return folder, checkpoints[-1]
+        return None, None
+    path = Path(resume)
+    if not path.is_file():
+        raise ValueError(f"--resume {resume}: no such checkpoint file")
+    return (path.parent.parent if path.parent.name == "checkpoints" else None), path
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Everything that can be wrong with the command line, found before any work starts."""
+    if args.model not in DiT_models:
+        raise ValueError(f"--model {args.model!r} is unknown; choose from {', '.join(DiT_models)}")
+    if args.image_size <= 0 or (args.vae != "none" and args.image_size % 8):
+        raise ValueError(f"--image-size {args.image_size} must be a positive multiple of 8 with a VAE")
+    if args.num_classes < 1:
+        raise ValueError(f"--num-classes must be at least 1, got {args.num_classes}")
+    if args.feature_path is None and args.data_path is None:
+        raise ValueError("--data-path is required (or --feature-path with latents from extract_features.py)")
+    for flag in ("global_batch_size", "epochs", "log_every", "ckpt_every", "max_steps", "sample_steps", "sample_grid_size"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if not 0 <= args.ema_decay < 1:
+        raise ValueError(f"--ema-decay must lie in [0, 1), got {args.ema_decay}")
+
+
+# ---- the run -----------------------------------------------------------------------------------
+
+def main(args: argparse.Namespace) -> None:
+    check_args(args)
+    rank, world_size, device = setup_distributed(args.device)
+    try:
+        train(args, rank, world_size, device)
+    finally:
+        cleanup_distributed()
+
+
+def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.device) -> None:
+    if args.global_batch_size % world_size:
+        raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by the world size {world_size}")
+    local_batch = args.global_batch_size // world_size
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32  # TF32 is on by default, as in the official script
+    torch.backends.cudnn.allow_tf32 = args.tf32
+    seed = args.global_seed * world_size + rank
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+    # Data, VAE and model geometry: every error here comes before any training work.
+    if args.feature_path is not None:
+        dataset = LatentFeatures(args.feature_path)
+        dataset.check_matches(args.image_size, args.num_classes)
+        vae = load_vae(args.vae, device) if args.sample_every else None  # only sample grids decode
+        channels, latent_size = dataset.channels, dataset.latent_size
+        scale = dataset.scale
+    else:
+        dataset = image_folder(args.data_path, args.image_size)
+        if len(dataset.classes) > args.num_classes:
+            raise ValueError(f"--data-path has {len(dataset.classes)} class folders but --num-classes is {args.num_classes}")
+        vae = load_vae(args.vae, device)
+        channels, latent_size = latent_shape(vae, args.image_size)
+        scale = vae_scale(vae) if vae is not None else 1.0
+    if len(dataset) < args.global_batch_size:
+        raise ValueError(f"the dataset has {len(dataset)} images, fewer than one global batch of {args.global_batch_size}")
+    model = DiT_models[args.model](input_size=latent_size, in_channels=channels, num_classes=args.num_classes,
+                                   class_dropout_prob=args.class_dropout_prob,
+                                   gradient_checkpointing=args.grad_checkpointing)
+    ema = deepcopy(model).to(device).requires_grad_(False)
+    model = model.to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
+    diffusion = create_diffusion(timestep_respacing="")
+
+    # Experiment folder (rank 0 decides, everyone learns it) and what to resume from.
+    experiment_dir, checkpoint_path = find_experiment(args.results_dir, args.model, args.resume)
+    if rank == 0 and experiment_dir is None:
+        Path(args.results_dir).mkdir(parents=True, exist_ok=True)
+        index = len(glob(f"{args.results_dir}/*"))
+        experiment_dir = Path(args.results_dir) / f"{index:03d}-{args.model.replace('/', '-')}"
+    shared = [str(experiment_dir) if experiment_dir else None]
+    dist.broadcast_object_list(shared, src=0)
+    experiment_dir = Path(shared[0])
+    checkpoint_dir = experiment_dir / "checkpoints"
+    if rank == 0:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    logger = create_logger(experiment_dir, rank)
+    logger.info(f"Experiment directory created at {experiment_dir}")
+    logger.info(f"DiT Parameters: {sum(p.numel() for p in model.parameters()):,}")
+
+    train_steps, epoch, position = 0, 0, 0
+    if checkpoint_path is not None:
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(checkpoint["model"])
+        ema.load_state_dict(checkpoint["ema"])
+        opt.load_state_dict(checkpoint["opt"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        train_steps, epoch, position = checkpoint["train_steps"], checkpoint["epoch"], checkpoint["position"]
+        if len(checkpoint["rng"]) == world_size:
+            set_rng_state(checkpoint["rng"][rank], device)
+        else:
+            logger.info(f"Checkpoint came from {len(checkpoint['rng'])} processes, not {world_size}: "
+                        f"continuing with fresh per-rank seeds (the run will not repeat bit for bit)")
+        logger.info(f"Resumed from {checkpoint_path} at step {train_steps} (epoch {epoch}, batch {position})")
+    else:
+        update_ema(ema, model, decay=0)  # the EMA starts as a copy of the model
+
+    ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    train_model = torch.compile(ddp_model) if args.compile else ddp_model
+    sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=args.global_seed)
+    # The loader gets a generator of its own: creating an epoch's iterator must not draw from the
+    # global one, or a resumed run would drift from a straight one.
+    loader = DataLoader(dataset, batch_size=local_batch, shuffle=False, sampler=sampler, num_workers=args.num_workers,
+                        pin_memory=device.type == "cuda", drop_last=True, generator=torch.Generator().manual_seed(seed))
+    steps_per_epoch = sampler.num_samples // local_batch
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
+    logger.info(f"Dataset contains {len(dataset):,} images ({args.data_path or args.feature_path}); "
+                f"{steps_per_epoch} steps per epoch, {world_size} process(es) on {device}")
+
+    def save_checkpoint() -> Path:
+        """Collective: gathers every rank's RNG state; rank 0 writes atomically."""
+        rngs = [None] * world_size
+        dist.all_gather_object(rngs, rng_state(device))
+        path = checkpoint_dir / f"{train_steps:07d}.pt"
+        if rank == 0:
+            atomic_torch_save({
+                "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                "scaler": scaler.state_dict(), "args": vars(args), "train_steps": train_steps,
+                "epoch": epoch, "position": position, "rng": rngs,
+            }, path)
+            logger.info(f"Saved checkpoint to {path}")
+        dist.barrier()
+        return path
+
+    stop_signal = {"name": None}
+
+    def request_stop(signum, frame):
+        stop_signal["name"] = signal.Signals(signum).name
+
+    previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    sample_noise, sample_labels = fixed_sample_inputs(args, channels, latent_size, device)
+    metrics_file = open(experiment_dir / "metrics.jsonl", "a") if rank == 0 else None
+    max_steps = args.max_steps if args.max_steps is not None else args.epochs * steps_per_epoch
+    progress = make_progress_bar(rank, train_steps, max_steps)
+    model.train()
+    ema.eval()
+    running_loss, log_steps, start_time = 0.0, 0, time.time()
+    done = train_steps >= max_steps
+    while not done and epoch < args.epochs:
+        sampler.set_epoch(epoch)
+        sampler.skip = position * local_batch
+        for x, y in loader:
+            x = x.to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True)
+            # Flip per sample from the main process's generator, so the choice is saved and resumed.
+            flip = torch.rand(x.shape[0], device=device) < (0.5 if args.random_flip else 0.0)
+            if args.feature_path is not None:  # x holds (unflipped, flipped) x (mean, std)
+                chosen = torch.where(flip[:, None, None, None, None], x[:, 1], x[:, 0])
+                x = sample_latents(chosen[:, 0], chosen[:, 1], scale)
+            else:
+                x = torch.where(flip[:, None, None, None], x.flip(3), x)
+                if vae is not None:
+                    x = sample_latents(*encode_posterior(vae, x), scale)
+            set_learning_rate(opt, args, train_steps)
+            t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device)
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                loss = diffusion.training_losses(train_model, x, t, dict(y=y))["loss"].mean()
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+
+            # One small all-reduce tells every rank about a bad loss or a stop signal anywhere.
+            loss_value = loss.item()
+            flags = torch.tensor([float(not math.isfinite(loss_value)), float(stop_signal["name"] is not None)],
+                                 device=device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            if flags[0]:
+                path = save_checkpoint()
+                raise FloatingPointError(f"loss became non-finite at step {train_steps + 1}; the weights before "
+                                         f"that step are saved in {path} (try a lower --lr or --grad-clip)")
+            if args.grad_clip is not None:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            update_ema(ema, model, args.ema_decay)
+
+            running_loss += loss_value
+            log_steps += 1
+            train_steps += 1
+            position += 1
+            if progress is not None:
+                progress.update(1)
+            if train_steps % args.log_every == 0:
+                log_metrics(logger, metrics_file, device, running_loss, log_steps, start_time, train_steps, args, opt)
+                running_loss, log_steps, start_time = 0.0, 0, time.time()
+            if args.sample_every and train_steps % args.sample_every == 0 and rank == 0:
+                write_sample_grid(ema, vae, sample_noise, sample_labels, args, experiment_dir / "samples" / f"{train_steps:07d}.png")
+            end_of_epoch = position == steps_per_epoch
+            if end_of_epoch:
+                epoch, position = epoch + 1, 0
+            done = train_steps >= max_steps or flags[1] or (end_of_epoch and epoch >= args.epochs)
+            if train_steps % args.ckpt_every == 0 or done:
+                save_checkpoint()
+            if done or end_of_epoch:
+                break
+
+    if stop_signal["name"]:
+        logger.info(f"Stopped by {stop_signal['name']} at step {train_steps}; resume with --resume auto")
+    for signum, handler in previous_handlers.items():
+        signal.signal(signum, handler)
+    if progress is not None:
+        progress.close()
+    if metrics_file is not None:
+        metrics_file.close()
+    model.eval()
+    logger.info("Done!")
+
+
+def set_learning_rate(opt: torch.optim.Optimizer, args: argparse.Namespace, train_steps: int) -> None:
+    """Linear warm-up over --warmup-steps, then constant (the official schedule is constant)."""
+    factor = min(1.0, (train_steps + 1) / args.warmup_steps) if args.warmup_steps else 1.0
+    for group in opt.param_groups:
+        group["lr"] = args.lr * factor
+
+
+def log_metrics(logger, metrics_file, device, running_loss, log_steps, start_time, train_steps, args, opt) -> None:
+    """Loss averaged over ranks and the last log_steps steps, with throughput and peak memory."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    steps_per_sec = log_steps / (time.time() - start_time)
+    avg_loss = torch.tensor(running_loss / log_steps, device=device)
+    dist.all_reduce(avg_loss, op=dist.ReduceOp.SUM)
+    avg_loss = avg_loss.item() / dist.get_world_size()
+    record = {"step": train_steps, "loss": avg_loss, "steps_per_sec": steps_per_sec,
+              "images_per_sec": steps_per_sec * args.global_batch_size, "peak_memory_mb": peak_memory_mb(device),
+              "lr": opt.param_groups[0]["lr"]}
+    logger.info(f"(step={train_steps:07d}) Train Loss: {avg_loss:.4f}, Train Steps/Sec: {steps_per_sec:.2f}, "
+                f"Images/Sec: {record['images_per_sec']:.1f}, Peak Memory: {record['peak_memory_mb']:.0f} MB")
+    if metrics_file is not None:
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+
+
+def make_progress_bar(rank: int, initial: int, total: int):
+    """A tqdm bar on rank 0 when stderr is a terminal; None otherwise (logs stay clean)."""
+    if rank != 0 or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+    return tqdm(initial=initial, total=total, unit="step", dynamic_ncols=True)
+
+
+def fixed_sample_inputs(args, channels: int, latent_size: int, device: torch.device):
+    """The same noise and labels for every grid of a run, from a private generator."""
+    generator = torch.Generator().manual_seed(args.global_seed)
+    count = args.sample_grid_size
+    noise = torch.randn(count, channels, latent_size, latent_size, generator=generator).to(device)
+    labels = (torch.arange(count) % args.num_classes).to(device)
+    return noise, labels
+
+
+@torch.no_grad()
+def write_sample_grid(ema, vae, noise, labels, args, path: Path) -> None:
+    """Sample the EMA model with CFG and save a PNG grid; the training RNG is left untouched."""
+    from torchvision.utils import save_image
+
+    diffusion = create_diffusion(str(args.sample_steps))
+    devices = [noise.device] if noise.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(args.global_seed)
+        z = torch.cat([noise, noise])
+        y = torch.cat([labels, torch.full_like(labels, args.num_classes)])
+        latents = diffusion.p_sample_loop(ema.forward_with_cfg, z.shape, z, clip_denoised=vae is None,
+                                          model_kwargs=dict(y=y, cfg_scale=args.sample_cfg_scale), device=noise.device)
+    images = decode(vae, latents[: len(noise)])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    save_image(images, tmp, nrow=int(math.ceil(math.sqrt(len(noise)))), normalize=True, value_range=(-1, 1))
+    tmp.replace(path)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Train a DiT (DDP; torchrun or plain python).")
+    official = parser.add_argument_group("official flags (same names and defaults)")
+    official.add_argument("--data-path", type=str, default=None, help="ImageFolder root: one sub-folder per class")
+    official.add_argument("--results-dir", type=str, default="results")
+    official.add_argument("--model", type=str, choices=list(DiT_models), default="DiT-XL/2")
+    official.add_argument("--image-size", type=int, default=256, help="pixels; any multiple of 8 with a VAE")
+    official.add_argument("--num-classes", type=int, default=1000)
+    official.add_argument("--epochs", type=int, default=1400)
+    official.add_argument("--global-batch-size", type=int, default=256)
+    official.add_argument("--global-seed", type=int, default=0)
+    official.add_argument("--vae", type=str, default="ema", help="ema | mse | none (pixel space) | local AutoencoderKL folder")
+    official.add_argument("--num-workers", type=int, default=4)
+    official.add_argument("--log-every", type=int, default=100)
+    official.add_argument("--ckpt-every", type=int, default=50_000)
+
+    extra = parser.add_argument_group("additions")
+    extra.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    extra.add_argument("--no-tf32", dest="tf32", action="store_false", help="disable TF32 matmuls on Ampere+ GPUs")
+    extra.add_argument("--feature-path", type=str, default=None, help="latents written by extract_features.py")
+    extra.add_argument("--resume", type=str, default=None, help="checkpoint path, or 'auto' for the latest one")
+    extra.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in total")
+    extra.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
+    extra.add_argument("--grad-checkpointing", action="store_true")
+    extra.add_argument("--compile", action="store_true", help="torch.compile the model")
+    extra.add_argument("--grad-clip", type=float, default=None, help="max gradient norm")
+    extra.add_argument("--lr", type=float, default=1e-4)
+    extra.add_argument("--weight-decay", type=float, default=0.0)
+    extra.add_argument("--ema-decay", type=float, default=0.9999)
+    extra.add_argument("--warmup-steps", type=int, default=0)
+    extra.add_argument("--class-dropout-prob", type=float, default=0.1)
+    extra.add_argument("--no-random-flip", dest="random_flip", action="store_false",
+                       help="no horizontal flips (for data where mirroring changes meaning, like digits)")
+    extra.add_argument("--sample-every", type=int, default=0, help="write an EMA sample grid every K steps (0: never)")
+    extra.add_argument("--sample-steps", type=int, default=50, help="sampling steps for those grids")
+    extra.add_argument("--sample-cfg-scale", type=float, default=4.0)
+    extra.add_argument("--sample-grid-size", type=int, default=16)
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main(parse_args())
