@@ -177,8 +177,11 @@ def encode_posterior(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 def sample_latents(mean: torch.Tensor, std: torch.Tensor, scale: float) -> torch.Tensor:
-    """One posterior draw, scaled: the same arithmetic and RNG use as diffusers' latent_dist.sample()."""
-    return (mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)) * scale
+    """One posterior draw, scaled: the same arithmetic and RNG use as diffusers' latent_dist.sample().
+
+    Made contiguous because later draws (randn_like) follow the strides of their input.
+    """
+    return ((mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)) * scale).contiguous()
 
 
 @torch.no_grad()
@@ -203,7 +206,9 @@ class LatentFeatures(torch.utils.data.Dataset):
     """VAE posteriors of a whole dataset: item i is ((unflipped, flipped) x (mean, std), label).
 
     Storing the posterior rather than one draw keeps training exactly as with on-the-fly encoding:
-    train.py draws the latent from it every step, the same way diffusers does.
+    train.py draws the latent from it every step, the same way diffusers does. Image i of the
+    ImageFolder sits in shard i % num_shards, row i // num_shards, so indices (and thus the
+    sampler's batches) are the ImageFolder's.
     """
 
     def __init__(self, feature_path: str):
@@ -216,7 +221,6 @@ class LatentFeatures(torch.utils.data.Dataset):
         self.channels, self.latent_size = self.meta["channels"], self.meta["latent_size"]
         self.scale = self.meta["scale"]
         self.shards = self.meta["shards"]
-        self.offsets = np.cumsum([0] + [shard["count"] for shard in self.shards])
         self._arrays = None  # memory maps are opened lazily, once per data-loader worker
 
     def check_matches(self, image_size: int, num_classes: int) -> None:
@@ -228,13 +232,12 @@ class LatentFeatures(torch.utils.data.Dataset):
                              f"but --num-classes is {num_classes}")
 
     def __len__(self) -> int:
-        return int(self.offsets[-1])
+        return self.meta["num_images"]
 
     def __getitem__(self, index: int):
         if self._arrays is None:
             self._arrays = [(np.load(self.root / s["posteriors"], mmap_mode="r"), np.load(self.root / s["labels"]))
                             for s in self.shards]
-        shard = int(np.searchsorted(self.offsets, index, side="right")) - 1
-        posteriors, labels = self._arrays[shard]
-        local = index - int(self.offsets[shard])
-        return torch.from_numpy(np.array(posteriors[local])), int(labels[local])
+        posteriors, labels = self._arrays[index % len(self.shards)]
+        row = index // len(self.shards)
+        return torch.from_numpy(np.array(posteriors[row])), int(labels[row])

@@ -10,6 +10,7 @@ ImageNet at 256px takes 1.28M x 2 x 2 x 4 x 32 x 32 float32 = 84 GB.
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -99,4 +100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    try:
+        main(parse_args())
+    except ValueError as error:
+        sys.exit(f"extract_features.py: error: {error}")

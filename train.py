@@ -92,6 +92,13 @@ def find_experiment(results_dir: str, model_name: str, resume: Optional[str]) ->
     return (path.parent.parent if path.parent.name == "checkpoints" else None), path
 
 
+@torch.no_grad()
+def weights_fingerprint(model: torch.nn.Module) -> tuple[float, float]:
+    """Sum and sum of squares of all weights in float64: equal on every rank unless DDP went wrong."""
+    params = [p.detach().double() for p in model.parameters()]
+    return sum(p.sum().item() for p in params), sum(p.square().sum().item() for p in params)
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -153,9 +160,12 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
         scale = vae_scale(vae) if vae is not None else 1.0
     if len(dataset) < args.global_batch_size:
         raise ValueError(f"the dataset has {len(dataset)} images, fewer than one global batch of {args.global_batch_size}")
-    model = DiT_models[args.model](input_size=latent_size, in_channels=channels, num_classes=args.num_classes,
-                                   class_dropout_prob=args.class_dropout_prob,
-                                   gradient_checkpointing=args.grad_checkpointing)
+    try:
+        model = DiT_models[args.model](input_size=latent_size, in_channels=channels, num_classes=args.num_classes,
+                                       class_dropout_prob=args.class_dropout_prob,
+                                       gradient_checkpointing=args.grad_checkpointing)
+    except ValueError as error:
+        raise ValueError(f"{error} (the model's input for --image-size {args.image_size})") from None
     ema = deepcopy(model).to(device).requires_grad_(False)
     model = model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -209,9 +219,12 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
                 f"{steps_per_epoch} steps per epoch, {world_size} process(es) on {device}")
 
     def save_checkpoint() -> Path:
-        """Collective: gathers every rank's RNG state; rank 0 writes atomically."""
-        rngs = [None] * world_size
+        """Collective: checks the ranks agree, gathers their RNG states; rank 0 writes atomically."""
+        rngs, fingerprints = [None] * world_size, [None] * world_size
         dist.all_gather_object(rngs, rng_state(device))
+        dist.all_gather_object(fingerprints, weights_fingerprint(model))
+        if any(f != fingerprints[0] for f in fingerprints):
+            raise RuntimeError(f"the ranks' weights have diverged at step {train_steps}: {fingerprints}")
         path = checkpoint_dir / f"{train_steps:07d}.pt"
         if rank == 0:
             atomic_torch_save({
@@ -219,7 +232,7 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
                 "scaler": scaler.state_dict(), "args": vars(args), "train_steps": train_steps,
                 "epoch": epoch, "position": position, "rng": rngs,
             }, path)
-            logger.info(f"Saved checkpoint to {path}")
+            logger.info(f"Saved checkpoint to {path} (weights identical on all {world_size} ranks)")
         dist.barrier()
         return path
 
@@ -410,4 +423,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    try:
+        main(parse_args())
+    except (ValueError, FloatingPointError) as error:
+        sys.exit(f"train.py: error: {error}")

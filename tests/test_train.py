@@ -1,0 +1,221 @@
+"""train.py and extract_features.py end to end on CPU: DDP, resume, latents, errors, reliability."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from common import atomic_torch_save
+from conftest import ROOT, make_image_folder, run_script
+
+PIXEL = ["--model", "DiT-Nano/4", "--image-size", "16", "--vae", "none", "--num-classes", "2",
+         "--num-workers", "0", "--device", "cpu"]
+
+
+def latent_args(vae_path) -> list:
+    return ["--model", "DiT-Nano/2", "--image-size", "32", "--vae", str(vae_path), "--num-classes", "2",
+            "--num-workers", "0", "--device", "cpu"]
+
+
+def only_experiment(results: Path) -> Path:
+    folders = sorted(results.iterdir())
+    assert len(folders) == 1, folders
+    return folders[0]
+
+
+def metrics(experiment: Path) -> list:
+    return [json.loads(line) for line in (experiment / "metrics.jsonl").read_text().splitlines()]
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    for key in ("model", "ema"):
+        assert a[key].keys() == b[key].keys()
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs"
+    for index, state in a["opt"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, b["opt"]["state"][index][name]), f"opt {index}.{name} differs"
+
+
+def test_torchrun_two_processes(tmp_path, image_folder_path):
+    result = run_script("train.py", "--data-path", image_folder_path, "--results-dir", tmp_path / "results",
+                        "--global-batch-size", "4", "--max-steps", "3", "--log-every", "1", "--ckpt-every", "100",
+                        *PIXEL, nproc=2)
+    experiment = only_experiment(tmp_path / "results")
+    assert experiment.name == "000-DiT-Nano-4"
+    assert [p.name for p in (experiment / "checkpoints").iterdir()] == ["0000003.pt"]
+    log = (experiment / "log.txt").read_text()
+    assert "(step=0000003) Train Loss:" in log and "2 process(es) on cpu" in log
+    assert "weights identical on all 2 ranks" in log
+    records = metrics(experiment)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(r["images_per_sec"] == pytest.approx(4 * r["steps_per_sec"]) for r in records)
+    checkpoint = load(experiment / "checkpoints" / "0000003.pt")
+    assert checkpoint["args"]["global_batch_size"] == 4 and checkpoint["train_steps"] == 3
+    assert len(checkpoint["rng"]) == 2
+    assert "Traceback" not in result.stderr
+
+
+def test_resume_is_bit_identical_across_ranks_epochs_and_vae(tmp_path, image_folder_path, tiny_vae_path):
+    # 16 images, global batch 4 on 2 ranks: 4 steps per epoch, so 7 steps cross an epoch boundary
+    # and the stop at step 3 falls mid-epoch. Flips, VAE draws, label dropout and noise all use RNG.
+    common = ["--data-path", image_folder_path, "--global-batch-size", "4", "--log-every", "1",
+              "--ckpt-every", "100", "--lr", "1e-3", "--ema-decay", "0.9", *latent_args(tiny_vae_path)]
+    run_script("train.py", *common, "--results-dir", tmp_path / "straight", "--max-steps", "7", nproc=2)
+    run_script("train.py", *common, "--results-dir", tmp_path / "split", "--max-steps", "3", nproc=2)
+    resumed = run_script("train.py", *common, "--results-dir", tmp_path / "split", "--max-steps", "7",
+                         "--resume", "auto", nproc=2)
+    assert "Resumed from" in resumed.stderr and "(epoch 0, batch 3)" in resumed.stderr
+    straight = only_experiment(tmp_path / "straight")
+    split = only_experiment(tmp_path / "split")
+    a, b = load(straight / "checkpoints" / "0000007.pt"), load(split / "checkpoints" / "0000007.pt")
+    assert (a["epoch"], a["position"]) == (b["epoch"], b["position"]) == (1, 3)
+    assert_same_state(a, b)
+    assert [r["loss"] for r in metrics(straight)] == [r["loss"] for r in metrics(split)]
+
+
+def test_resume_from_a_path_continues_that_experiment(tmp_path, image_folder_path):
+    args = ["--data-path", image_folder_path, "--results-dir", tmp_path / "results", "--global-batch-size", "8",
+            "--log-every", "1", "--ckpt-every", "100", *PIXEL]
+    run_script("train.py", *args, "--max-steps", "2")
+    experiment = only_experiment(tmp_path / "results")
+    run_script("train.py", *args, "--max-steps", "4", "--resume", experiment / "checkpoints" / "0000002.pt")
+    assert only_experiment(tmp_path / "results") == experiment
+    assert [r["step"] for r in metrics(experiment)] == [1, 2, 3, 4]
+    assert (experiment / "checkpoints" / "0000004.pt").is_file()
+
+
+def test_extracted_latents_give_the_same_losses_as_on_the_fly_encoding(tmp_path, image_folder_path, tiny_vae_path):
+    run_script("extract_features.py", "--data-path", image_folder_path, "--features-path", tmp_path / "features",
+               "--image-size", "32", "--vae", tiny_vae_path, "--batch-size", "3", "--num-workers", "0",
+               "--device", "cpu", nproc=2)
+    meta = json.loads((tmp_path / "features" / "meta.json").read_text())
+    assert meta["num_images"] == 16 and [s["count"] for s in meta["shards"]] == [8, 8]
+    common = ["--global-batch-size", "4", "--max-steps", "5", "--log-every", "1", "--ckpt-every", "100",
+              *latent_args(tiny_vae_path)]
+    run_script("train.py", *common, "--data-path", image_folder_path, "--results-dir", tmp_path / "fly")
+    run_script("train.py", *common, "--feature-path", tmp_path / "features", "--results-dir", tmp_path / "pre")
+    on_the_fly = [r["loss"] for r in metrics(only_experiment(tmp_path / "fly"))]
+    pre_extracted = [r["loss"] for r in metrics(only_experiment(tmp_path / "pre"))]
+    assert len(on_the_fly) == 5
+    assert on_the_fly == pytest.approx(pre_extracted, rel=1e-5, abs=1e-6)
+
+
+def test_mixed_precision_and_checkpointing_train(tmp_path):
+    # One class of flat grey images: easy enough that 40 steps must cut the loss clearly.
+    data = make_image_folder(tmp_path / "flat", classes=1, per_class=16)
+    for png in data.rglob("*.png"):
+        from PIL import Image
+        Image.new("RGB", (16, 16), (200, 60, 30)).save(png)
+    for precision in ("bf16", "fp16"):
+        results = tmp_path / precision
+        run_script("train.py", "--data-path", data, "--results-dir", results, "--global-batch-size", "16",
+                   "--max-steps", "40", "--log-every", "10", "--ckpt-every", "100", "--lr", "3e-3",
+                   "--warmup-steps", "5", "--grad-checkpointing", "--grad-clip", "1.0",
+                   "--mixed-precision", precision, *PIXEL[:-6], "--num-classes", "1", "--num-workers", "0")
+        losses = [r["loss"] for r in metrics(only_experiment(results))]
+        assert losses[-1] < 0.5 * losses[0], (precision, losses)
+
+
+def test_sample_grid_and_sigterm_checkpoint(tmp_path, image_folder_path):
+    results = tmp_path / "results"
+    command = [sys.executable, "train.py", "--data-path", str(image_folder_path), "--results-dir", str(results),
+               "--global-batch-size", "4", "--log-every", "1", "--ckpt-every", "100000", "--sample-every", "2",
+               "--sample-steps", "4", "--sample-grid-size", "4", *PIXEL]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 120
+    for line in process.stdout:
+        if "(step=0000003)" in line or time.time() > deadline:
+            break
+    process.send_signal(signal.SIGTERM)
+    output = process.stdout.read()
+    assert process.wait(timeout=60) == 0, output
+    assert "Stopped by SIGTERM" in output
+    experiment = only_experiment(results)
+    checkpoints = sorted((experiment / "checkpoints").iterdir())
+    assert len(checkpoints) == 1 and int(checkpoints[0].stem) >= 3
+    grid = experiment / "samples" / "0000002.png"
+    from PIL import Image
+    assert Image.open(grid).size == (2 * 16 + 3 * 2, 2 * 16 + 3 * 2)  # 2x2 grid, torchvision's 2px padding
+
+
+def test_non_finite_loss_names_the_step_and_keeps_weights(tmp_path, image_folder_path):
+    result = run_script("train.py", "--data-path", image_folder_path, "--results-dir", tmp_path / "results",
+                        "--global-batch-size", "4", "--max-steps", "20", "--lr", "1e30", "--ckpt-every", "100",
+                        *PIXEL, check=False)
+    assert result.returncode != 0
+    assert "loss became non-finite at step" in result.stderr
+    checkpoints = list((only_experiment(tmp_path / "results") / "checkpoints").iterdir())
+    assert len(checkpoints) == 1
+    assert all(torch.isfinite(v).all() for v in load(checkpoints[0])["model"].values())
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing-data", "--data-path is required"),
+    ("empty-data", "holds no images in class sub-folders"),
+    ("odd-image-size", "--image-size 36 must be a positive multiple of 8"),
+    ("patch-mismatch", "input_size 18 is not divisible by patch_size 4 (the model's input for --image-size 18)"),
+    ("too-few-images", "fewer than one global batch of 64"),
+    ("bad-vae", "--vae must be ema, mse, none or a local AutoencoderKL folder"),
+])
+def test_bad_inputs_fail_before_work(tmp_path, image_folder_path, case, message):
+    args = {"data": ["--data-path", image_folder_path], "batch": ["--global-batch-size", "4"], "rest": PIXEL}
+    if case == "missing-data":
+        args["data"] = []
+    elif case == "empty-data":
+        (tmp_path / "empty").mkdir()
+        args["data"] = ["--data-path", tmp_path / "empty"]
+    elif case == "odd-image-size":
+        args["rest"] = ["--image-size", "36", "--vae", "ema", "--device", "cpu"]
+    elif case == "patch-mismatch":
+        args["rest"] = PIXEL[:2] + ["--image-size", "18", "--vae", "none", "--device", "cpu"]
+    elif case == "too-few-images":
+        args["batch"] = ["--global-batch-size", "64"]
+    elif case == "bad-vae":
+        args["rest"] = PIXEL[:4] + ["--vae", "no-such-vae", "--device", "cpu"]
+    result = run_script("train.py", *args["data"], *args["batch"], *args["rest"], "--results-dir", tmp_path / "r",
+                        check=False)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not any((tmp_path / "r").rglob("*.pt"))
+
+
+def test_batch_not_divisible_by_world_size(tmp_path, image_folder_path):
+    result = run_script("train.py", "--data-path", image_folder_path, "--results-dir", tmp_path / "r",
+                        "--global-batch-size", "5", *PIXEL, nproc=2, check=False)
+    assert result.returncode != 0
+    assert "--global-batch-size 5 is not divisible by the world size 2" in result.stderr + result.stdout
+
+
+def test_unreadable_image_is_named(tmp_path, image_folder_path):
+    broken = image_folder_path / "class_1" / "005.png"
+    broken.write_bytes(b"not a png")
+    result = run_script("train.py", "--data-path", image_folder_path, "--results-dir", tmp_path / "r",
+                        "--global-batch-size", "16", "--max-steps", "1", *PIXEL, check=False)
+    assert result.returncode != 0
+    assert f"cannot read image {broken}" in result.stderr
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous_file(tmp_path):
+    path = tmp_path / "0000100.pt"
+    atomic_torch_save({"step": 100}, path)
+
+    class Explodes:
+        def __reduce__(self):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_torch_save({"step": 200, "payload": Explodes()}, path)
+    assert torch.load(path, weights_only=True) == {"step": 100}
+    assert [p.name for p in tmp_path.iterdir()] == ["0000100.pt"]
