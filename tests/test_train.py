@@ -219,3 +219,13 @@ def test_interrupted_checkpoint_write_keeps_the_previous_file(tmp_path):
         atomic_torch_save({"step": 200, "payload": Explodes()}, path)
     assert torch.load(path, weights_only=True) == {"step": 100}
     assert [p.name for p in tmp_path.iterdir()] == ["0000100.pt"]
+
+
+def test_compile_matches_eager(tmp_path, image_folder_path):
+    args = ["--data-path", image_folder_path, "--global-batch-size", "4", "--max-steps", "2", "--log-every", "1",
+            *PIXEL]
+    run_script("train.py", *args, "--results-dir", tmp_path / "eager")
+    run_script("train.py", *args, "--results-dir", tmp_path / "compiled", "--compile", timeout=600)
+    eager = [r["loss"] for r in metrics(only_experiment(tmp_path / "eager"))]
+    compiled = [r["loss"] for r in metrics(only_experiment(tmp_path / "compiled"))]
+    assert compiled == pytest.approx(eager, rel=1e-4)
