@@ -12,6 +12,10 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
+from diffusion import create_diffusion
+from download import find_model, load_state_dict
+from models import DiT_models
+
 # The Stable Diffusion VAEs DiT was trained with, by their short names.
 HUB_VAES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 
@@ -241,3 +245,128 @@ class LatentFeatures(torch.utils.data.Dataset):
         posteriors, labels = self._arrays[index % len(self.shards)]
         row = index // len(self.shards)
         return torch.from_numpy(np.array(posteriors[row])), int(labels[row])
+
+
+# ---- models from checkpoints, and guided sampling (sample.py, sample_ddp.py) ----------------------
+
+def load_weights(model: torch.nn.Module, state_dict: dict, source: str) -> None:
+    """load_state_dict(strict=True), but a mismatch names the tensors and the likely right flags."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+             for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
+    if not (missing or unexpected or wrong):
+        model.load_state_dict(state_dict, strict=True)
+        return
+    lines = [f"the checkpoint {source} does not fit the chosen model"]
+    if wrong:
+        lines.append("mismatched shapes: " + "; ".join(wrong[:6]) + (" ..." if len(wrong) > 6 else ""))
+    if missing:
+        lines.append(f"missing from the checkpoint: {', '.join(missing[:6])}" + (" ..." if len(missing) > 6 else ""))
+    if unexpected:
+        lines.append(f"not in the model: {', '.join(unexpected[:6])}" + (" ..." if len(unexpected) > 6 else ""))
+    hint = guess_config(state_dict)
+    if hint:
+        lines.append(f"it looks like {hint}")
+    raise ValueError("\n  ".join(lines))
+
+
+def guess_config(state_dict: dict) -> Optional[str]:
+    """Which --model/--image-size/--num-classes a DiT state dict was trained with, from its shapes."""
+    try:
+        width, channels, patch, _ = state_dict["x_embedder.proj.weight"].shape
+        tokens = state_dict["pos_embed"].shape[1]
+        depth = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("blocks."))
+        rows = state_dict["y_embedder.embedding_table.weight"].shape[0]
+    except (KeyError, ValueError, AttributeError):
+        return None
+    latent = int(round(tokens ** 0.5)) * patch
+    names = []
+    for name, make in DiT_models.items():
+        with torch.device("meta"):
+            candidate = make(input_size=8)  # 8: divisible by every config's patch size
+        if (len(candidate.blocks), candidate.pos_embed.shape[-1], candidate.patch_size) == (depth, width, patch):
+            names.append(name)
+    model_flag = f"--model {names[0]}" if names else f"a DiT of depth {depth}, width {width}, patch {patch}"
+    size = f"--image-size {latent * 8} with a VAE (or {latent} with --vae none)" if channels == 4 else f"--image-size {latent} --vae none"
+    return f"{model_flag} {size} --num-classes {rows - 1} (or {rows} without label dropout)"
+
+
+OFFICIAL_DEFAULTS = {"model": "DiT-XL/2", "image_size": 256, "num_classes": 1000, "class_dropout_prob": 0.1}
+
+
+def resolve_model_args(args, default_vae: str) -> dict:
+    """Model flags not given on the command line come from a train.py checkpoint's args, else the
+    official defaults; pretrained weights exist only for DiT-XL/2, 256/512px, 1000 classes."""
+    saved = {}
+    if args.ckpt is not None and Path(args.ckpt).suffix == ".pt" and Path(args.ckpt).is_file():
+        checkpoint = torch.load(args.ckpt, map_location="cpu", weights_only=True)
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get("args"), dict):
+            saved = checkpoint["args"]
+    resolved = {key: getattr(args, key) if getattr(args, key, None) is not None else saved.get(key, default)
+                for key, default in OFFICIAL_DEFAULTS.items()}
+    resolved["vae"] = args.vae if args.vae is not None else saved.get("vae", default_vae)
+    if args.ckpt is None and (resolved["model"], resolved["num_classes"]) != ("DiT-XL/2", 1000) \
+            or args.ckpt is None and resolved["image_size"] not in (256, 512):
+        raise ValueError("only DiT-XL/2 at 256 or 512px with 1000 classes has pretrained weights; "
+                         "pass --ckpt for other models")
+    return resolved
+
+
+def build_model(config: dict, channels: int, latent_size: int, device: torch.device) -> torch.nn.Module:
+    if config["model"] not in DiT_models:
+        raise ValueError(f"--model {config['model']!r} is unknown; choose from {', '.join(DiT_models)}")
+    model = DiT_models[config["model"]](input_size=latent_size, in_channels=channels,
+                                       num_classes=config["num_classes"],
+                                       class_dropout_prob=config["class_dropout_prob"])
+    return model.to(device)
+
+
+def load_model_for_sampling(args, device: torch.device, default_vae: str):
+    """(model in eval mode with its weights, VAE or None, resolved config), in the official order:
+    the model is built (drawing its random init) and loaded before the VAE, so seeded runs match."""
+    config = resolve_model_args(args, default_vae)
+    if config["vae"] == "none":
+        channels, latent_size = 3, config["image_size"]
+    elif config["image_size"] % 8:
+        raise ValueError(f"--image-size {config['image_size']} must be a multiple of 8 with a VAE")
+    else:
+        channels, latent_size = 4, config["image_size"] // 8  # checked against the VAE below
+    model = build_model(config, channels, latent_size, device)
+    ckpt = args.ckpt or f"DiT-XL-2-{config['image_size']}x{config['image_size']}.pt"
+    state_dict = find_model(ckpt) if args.ckpt is None else load_state_dict(Path(ckpt), args.weights)
+    load_weights(model, state_dict, ckpt)
+    model.eval()
+    vae = load_vae(config["vae"], device)
+    if vae is not None and latent_shape(vae, config["image_size"]) != (channels, latent_size):
+        raise ValueError(f"the VAE {config['vae']} gives latents {latent_shape(vae, config['image_size'])}, "
+                         f"the model expects {(channels, latent_size)}")
+    return model, vae, config
+
+
+def guided_batch(noise: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg_scale: float, model):
+    """(x, model_fn, model_kwargs) for one sampling batch: with cfg_scale > 1 the batch is doubled with
+    the null class (index num_classes) and model.forward_with_cfg guides it; else plain model.forward."""
+    if cfg_scale > 1.0:
+        x = torch.cat([noise, noise], 0)
+        y = torch.cat([labels, torch.full_like(labels, num_classes)], 0)
+        return x, model.forward_with_cfg, dict(y=y, cfg_scale=cfg_scale)
+    return noise, model.forward, dict(y=labels)
+
+
+def sampling_diffusion(sampler: str, steps: int):
+    """The respaced diffusion a sampler walks: evenly strided steps for ddpm, DDIM's stride for ddim."""
+    return create_diffusion(f"ddim{steps}" if sampler == "ddim" else str(steps))
+
+
+def run_sampler(diffusion, sampler: str, model_fn, x: torch.Tensor, model_kwargs: dict, eta: float = 0.0,
+                progress: bool = False) -> torch.Tensor:
+    """Ancestral ("ddpm", the official choice) or DDIM sampling of latents, unclipped as in DiT."""
+    if sampler == "ddpm":
+        return diffusion.p_sample_loop(model_fn, x.shape, x, clip_denoised=False, model_kwargs=model_kwargs,
+                                       progress=progress, device=x.device)
+    if sampler == "ddim":
+        return diffusion.ddim_sample_loop(model_fn, x.shape, x, clip_denoised=False, model_kwargs=model_kwargs,
+                                          progress=progress, device=x.device, eta=eta)
+    raise ValueError(f"--sampler must be ddpm or ddim, got {sampler!r}")

@@ -1,0 +1,224 @@
+"""sample.py, sample_ddp.py and download.py, offline: tiny checkpoints, a tiny VAE, a loopback server."""
+import hashlib
+import http.server
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import download
+from common import guided_batch, load_weights
+from conftest import run_script
+from diffusion import create_diffusion
+from models import DiT_models
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(tmp_path_factory, tiny_vae_path) -> Path:
+    """A DiT-Nano/2 checkpoint written by train.py, latent space with the tiny VAE (32px images)."""
+    from conftest import make_image_folder
+    root = tmp_path_factory.mktemp("train")
+    data = make_image_folder(root / "images")
+    run_script("train.py", "--data-path", data, "--results-dir", root / "results", "--model", "DiT-Nano/2",
+               "--image-size", "32", "--vae", tiny_vae_path, "--num-classes", "2", "--global-batch-size", "4",
+               "--max-steps", "3", "--lr", "1e-2", "--ema-decay", "0.5", "--num-workers", "0", "--device", "cpu")
+    return next((root / "results").glob("*/checkpoints/0000003.pt"))
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ---- sample.py -----------------------------------------------------------------------------------
+
+def test_sample_writes_a_seeded_grid(tmp_path, trained_checkpoint):
+    common = ["--ckpt", trained_checkpoint, "--class-labels", "0", "1", "1", "0", "1", "--num-sampling-steps", "5",
+              "--device", "cpu"]
+    first, again, other = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png"
+    run_script("sample.py", *common, "--output", first)
+    run_script("sample.py", *common, "--output", again)
+    run_script("sample.py", *common, "--output", other, "--seed", "1")
+    assert Image.open(first).size == (4 * 32 + 5 * 2, 2 * 32 + 3 * 2)  # 5 images, 4 per row
+    assert digest(first) == digest(again)
+    assert digest(first) != digest(other)
+    ddim = run_script("sample.py", *common, "--output", tmp_path / "d.png", "--sampler", "ddim")
+    assert "Saved 5 samples" in ddim.stdout
+
+
+def test_sample_latents_equal_driving_the_diffusion_directly(tmp_path, trained_checkpoint, monkeypatch):
+    """The official recipe, written out: seed, build, load, (VAE), noise, CFG batch, p_sample_loop."""
+    import sample
+    captured = {}
+    monkeypatch.setattr(sample, "decode", lambda vae, latents: captured.setdefault("latents", latents.clone()))
+    monkeypatch.setattr(sample, "save_image", lambda *a, **k: Path(a[1]).write_bytes(b""))
+    sample.main(sample.parse_args(["--ckpt", str(trained_checkpoint), "--class-labels", "1", "0",
+                                   "--num-sampling-steps", "7", "--cfg-scale", "3.0", "--device", "cpu",
+                                   "--output", str(tmp_path / "x.png")]))
+
+    torch.manual_seed(0)
+    model = DiT_models["DiT-Nano/2"](input_size=4, num_classes=2)
+    model.load_state_dict(torch.load(trained_checkpoint, weights_only=True)["ema"])
+    model.eval()
+    diffusion = create_diffusion("7")
+    z = torch.randn(2, 4, 4, 4)
+    y = torch.tensor([1, 0])
+    z = torch.cat([z, z], 0)
+    y = torch.cat([y, torch.tensor([2, 2])], 0)
+    with torch.no_grad():
+        expected = diffusion.p_sample_loop(model.forward_with_cfg, z.shape, z, clip_denoised=False,
+                                           model_kwargs=dict(y=y, cfg_scale=3.0), device="cpu")[:2]
+    torch.testing.assert_close(captured["latents"], expected, atol=1e-5, rtol=0)
+
+
+def test_mismatched_checkpoint_names_tensors_and_right_flags(tmp_path, trained_checkpoint):
+    result = run_script("sample.py", "--ckpt", trained_checkpoint, "--model", "DiT-Nano/4", "--image-size", "64",
+                        "--device", "cpu", "--class-labels", "0", "--output", tmp_path / "x.png", check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "does not fit the chosen model" in result.stderr
+    assert "x_embedder.proj.weight: checkpoint (128, 4, 2, 2) vs model (128, 4, 4, 4)" in result.stderr
+    assert "--model DiT-Nano/2 --image-size 32" in result.stderr
+
+
+def test_load_weights_accepts_a_matching_state_dict():
+    model = DiT_models["DiT-Nano/4"](input_size=8, num_classes=3)
+    state = {k: v + 1 for k, v in model.state_dict().items()}
+    load_weights(model, state, "in-memory")
+    assert torch.equal(model.pos_embed, state["pos_embed"])
+
+
+def test_guided_batch():
+    model = DiT_models["DiT-Nano/4"](input_size=8, num_classes=3)
+    noise, labels = torch.randn(2, 4, 8, 8), torch.tensor([0, 2])
+    x, fn, kwargs = guided_batch(noise, labels, 3, 4.0, model)
+    assert x.shape[0] == 4 and fn == model.forward_with_cfg and kwargs["y"].tolist() == [0, 2, 3, 3]
+    x, fn, kwargs = guided_batch(noise, labels, 3, 1.0, model)
+    assert x is noise and fn == model.forward and kwargs == {"y": labels}
+
+
+# ---- sample_ddp.py --------------------------------------------------------------------------------
+
+def test_sample_ddp_two_processes_and_resume(tmp_path, trained_checkpoint):
+    args = ["--ckpt", trained_checkpoint, "--sample-dir", tmp_path / "samples", "--per-proc-batch-size", "3",
+            "--num-fid-samples", "10", "--num-sampling-steps", "4", "--device", "cpu"]
+    run_script("sample_ddp.py", *args, nproc=2)
+    folders = [p for p in (tmp_path / "samples").iterdir() if p.is_dir()]
+    assert len(folders) == 1
+    folder = folders[0]
+    assert folder.name == "DiT-Nano-2-0000003-size-32-vae-tiny-vae-cfg-1.5-seed-0"
+    pngs = sorted(p.name for p in folder.glob("*.png"))
+    assert pngs == [f"{i:06d}.png" for i in range(12)]  # 10 rounded up to whole global batches of 6
+    npz_path = folder.with_name(folder.name + ".npz")
+    with np.load(npz_path) as npz:
+        assert npz["arr_0"].shape == (10, 32, 32, 3) and npz["arr_0"].dtype == np.uint8
+        assert npz["arr_1"].shape == (10,) and set(npz["arr_1"].tolist()) <= {0, 1}
+    first = digest(npz_path)
+
+    for index in (0, 4, 11):
+        (folder / f"{index:06d}.png").unlink()
+    (folder / "000007.png").write_bytes(b"half a png")
+    again = run_script("sample_ddp.py", *args, nproc=2)
+    assert "Kept" in again.stdout
+    assert digest(npz_path) == first
+
+
+def test_sample_ddp_rejects_guidance_below_one(tmp_path, trained_checkpoint):
+    result = run_script("sample_ddp.py", "--ckpt", trained_checkpoint, "--cfg-scale", "0.5", "--device", "cpu",
+                        check=False)
+    assert result.returncode != 0 and "--cfg-scale must be >= 1.0" in result.stderr
+
+
+# ---- download.py ----------------------------------------------------------------------------------
+
+class Server:
+    """A loopback HTTP server whose response per path the test sets: (status, body, declared length)."""
+
+    def __init__(self):
+        self.routes = {}
+        routes = self.routes
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                status, body, length = routes.get(self.path, (404, b"not found", None))
+                self.send_response(status)
+                self.send_header("Content-Length", str(length if length is not None else len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/models"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+
+
+@pytest.fixture
+def server(monkeypatch):
+    srv = Server()
+    monkeypatch.setenv("DIT_MODELS_URL", srv.url)
+    yield srv
+    srv.close()
+
+
+def checkpoint_bytes(tmp_path) -> bytes:
+    model = DiT_models["DiT-Nano/4"](input_size=8, num_classes=3)
+    torch.save(model.state_dict(), tmp_path / "ok.pt")
+    return (tmp_path / "ok.pt").read_bytes()
+
+
+NAME = "DiT-XL-2-256x256.pt"
+
+
+def test_download_success_then_cached(tmp_path, server):
+    body = checkpoint_bytes(tmp_path)
+    server.routes[f"/models/{NAME}"] = (200, body, None)
+    target = download.download_model(NAME, tmp_path / "pretrained")
+    assert target.read_bytes() == body
+    server.routes.clear()  # a second call must not touch the network
+    assert download.download_model(NAME, tmp_path / "pretrained") == target
+    assert sorted(p.name for p in (tmp_path / "pretrained").iterdir()) == [NAME]
+
+
+@pytest.mark.parametrize("case,message", [
+    ("cut", "connection ended after"),
+    ("corrupt", "is not a readable PyTorch checkpoint"),
+    ("not-dit", "is not a DiT checkpoint"),
+    ("missing", "HTTP Error 404"),
+])
+def test_download_failures_leave_nothing(tmp_path, server, case, message):
+    body = checkpoint_bytes(tmp_path)
+    route = f"/models/{NAME}"
+    if case == "cut":
+        server.routes[route] = (200, body[: len(body) // 2], len(body))
+    elif case == "corrupt":
+        server.routes[route] = (200, body[: len(body) // 2], None)
+    elif case == "not-dit":
+        torch.save({"weight": torch.zeros(2)}, tmp_path / "other.pt")
+        server.routes[route] = (200, (tmp_path / "other.pt").read_bytes(), None)
+    with pytest.raises(download.DownloadError) as error:
+        download.download_model(NAME, tmp_path / "pretrained")
+    text = str(error.value)
+    assert message in text
+    assert f"{server.url}/{NAME}" in text and str((tmp_path / "pretrained" / NAME).resolve()) in text
+    assert list((tmp_path / "pretrained").iterdir()) == []
+
+
+def test_find_model_local_files(tmp_path):
+    model = DiT_models["DiT-Nano/4"](input_size=8, num_classes=3)
+    state = model.state_dict()
+    torch.save({"model": state, "ema": {k: v + 1 for k, v in state.items()}, "args": {}}, tmp_path / "train.pt")
+    torch.save(state, tmp_path / "bare.pt")
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "w.safetensors")
+    assert torch.equal(download.find_model(tmp_path / "train.pt")["pos_embed"], state["pos_embed"] + 1)
+    assert torch.equal(download.load_state_dict(tmp_path / "train.pt", "model")["pos_embed"], state["pos_embed"])
+    assert torch.equal(download.find_model(tmp_path / "bare.pt")["pos_embed"], state["pos_embed"])
+    assert torch.equal(download.find_model(tmp_path / "w.safetensors")["pos_embed"], state["pos_embed"])
+    with pytest.raises(FileNotFoundError, match="not one of the official names"):
+        download.find_model(tmp_path / "nope.pt")
