@@ -134,6 +134,18 @@ def image_folder(data_path: Optional[str], image_size: int):
         raise ValueError(f"--data-path {data_path} holds no images in class sub-folders ({error})") from None
 
 
+def save_image_grid(images: torch.Tensor, path: Union[str, Path], nrow: int) -> Path:
+    """Images in [-1, 1] as one PNG grid, written to a temporary name and renamed."""
+    from torchvision.utils import save_image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    save_image(images, tmp, nrow=nrow, normalize=True, value_range=(-1, 1))
+    os.replace(tmp, path)
+    return path
+
+
 def to_uint8_images(samples: torch.Tensor) -> np.ndarray:
     """(N, 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8, rounding as the official sample_ddp.py does."""
     return torch.clamp(127.5 * samples + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8).numpy()
@@ -361,12 +373,12 @@ def sampling_diffusion(sampler: str, steps: int):
 
 
 def run_sampler(diffusion, sampler: str, model_fn, x: torch.Tensor, model_kwargs: dict, eta: float = 0.0,
-                progress: bool = False) -> torch.Tensor:
-    """Ancestral ("ddpm", the official choice) or DDIM sampling of latents, unclipped as in DiT."""
+                progress: bool = False, pixels: bool = False) -> torch.Tensor:
+    """Ancestral ("ddpm", the official choice) or DDIM sampling. Latents are not clipped (as in DiT);
+    pixel-space predictions of x_0 are clipped to [-1, 1], as pixel diffusion models do."""
+    common = dict(clip_denoised=pixels, model_kwargs=model_kwargs, progress=progress, device=x.device)
     if sampler == "ddpm":
-        return diffusion.p_sample_loop(model_fn, x.shape, x, clip_denoised=False, model_kwargs=model_kwargs,
-                                       progress=progress, device=x.device)
+        return diffusion.p_sample_loop(model_fn, x.shape, x, **common)
     if sampler == "ddim":
-        return diffusion.ddim_sample_loop(model_fn, x.shape, x, clip_denoised=False, model_kwargs=model_kwargs,
-                                          progress=progress, device=x.device, eta=eta)
+        return diffusion.ddim_sample_loop(model_fn, x.shape, x, eta=eta, **common)
     raise ValueError(f"--sampler must be ddpm or ddim, got {sampler!r}")

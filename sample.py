@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import torch
-from torchvision.utils import save_image
 
-from common import decode, guided_batch, load_model_for_sampling, resolve_device, run_sampler, sampling_diffusion
+from common import (decode, guided_batch, load_model_for_sampling, resolve_device, run_sampler, sampling_diffusion,
+                    save_image_grid)
 from download import DownloadError
 
 OFFICIAL_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
@@ -32,15 +32,10 @@ def main(args: argparse.Namespace) -> Path:
     noise = torch.randn(len(labels), channels, latent_size, latent_size, device=device)
     y = torch.tensor(labels, device=device)
     x, model_fn, model_kwargs = guided_batch(noise, y, config["num_classes"], args.cfg_scale, model)
-    samples = run_sampler(diffusion, args.sampler, model_fn, x, model_kwargs, eta=args.eta, progress=True)
+    samples = run_sampler(diffusion, args.sampler, model_fn, x, model_kwargs, eta=args.eta, progress=True,
+                          pixels=vae is None)
     samples = samples[: len(labels)]  # drop the null-class half
-    images = decode(vae, samples)
-
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.stem}.tmp{output.suffix}")
-    save_image(images, tmp, nrow=args.nrow, normalize=True, value_range=(-1, 1))
-    tmp.replace(output)
+    output = save_image_grid(decode(vae, samples), args.output, nrow=args.nrow)
     print(f"Saved {len(labels)} samples to {output}")
     return output
 

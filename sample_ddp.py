@@ -46,7 +46,7 @@ def skip_batch(diffusion, args, x: torch.Tensor, model_kwargs: dict, out_channel
     def zeros(x_t, t, **kwargs):
         return torch.zeros(x_t.shape[0], out_channels, *x_t.shape[2:], device=x_t.device)
 
-    run_sampler(diffusion, args.sampler, zeros, x, model_kwargs, eta=args.eta)
+    run_sampler(diffusion, args.sampler, zeros, x, model_kwargs, eta=args.eta)  # clipping draws nothing
 
 
 def create_npz_from_sample_folder(sample_dir: Path, num: int, labels: np.ndarray) -> Path:
@@ -121,7 +121,7 @@ def sample(args: argparse.Namespace, rank: int, world_size: int, device: torch.d
             skip_batch(diffusion, args, x, model_kwargs, out_channels)
             skipped += n
         else:
-            latents = run_sampler(diffusion, args.sampler, model_fn, x, model_kwargs, eta=args.eta)[:n]
+            latents = run_sampler(diffusion, args.sampler, model_fn, x, model_kwargs, eta=args.eta, pixels=vae is None)[:n]
             for array, path in zip(to_uint8_images(decode(vae, latents)), paths):
                 save_png_atomically(array, path)
         labels_by_index.update(zip(indices, labels.tolist()))

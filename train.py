@@ -24,7 +24,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
 from common import (LatentFeatures, atomic_torch_save, cleanup_distributed, create_logger, decode, encode_posterior,
-                    image_folder, latent_shape, load_vae, sample_latents, setup_distributed, vae_scale)
+                    guided_batch, image_folder, latent_shape, load_vae, run_sampler, sample_latents, sampling_diffusion,
+                    save_image_grid, setup_distributed, vae_scale)
 from diffusion import create_diffusion
 from models import DiT_models
 
@@ -365,21 +366,13 @@ def fixed_sample_inputs(args, channels: int, latent_size: int, device: torch.dev
 @torch.no_grad()
 def write_sample_grid(ema, vae, noise, labels, args, path: Path) -> None:
     """Sample the EMA model with CFG and save a PNG grid; the training RNG is left untouched."""
-    from torchvision.utils import save_image
-
-    diffusion = create_diffusion(str(args.sample_steps))
+    diffusion = sampling_diffusion("ddpm", args.sample_steps)
     devices = [noise.device] if noise.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(args.global_seed)
-        z = torch.cat([noise, noise])
-        y = torch.cat([labels, torch.full_like(labels, args.num_classes)])
-        latents = diffusion.p_sample_loop(ema.forward_with_cfg, z.shape, z, clip_denoised=vae is None,
-                                          model_kwargs=dict(y=y, cfg_scale=args.sample_cfg_scale), device=noise.device)
-    images = decode(vae, latents[: len(noise)])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    save_image(images, tmp, nrow=int(math.ceil(math.sqrt(len(noise)))), normalize=True, value_range=(-1, 1))
-    tmp.replace(path)
+        x, model_fn, model_kwargs = guided_batch(noise, labels, args.num_classes, args.sample_cfg_scale, ema)
+        latents = run_sampler(diffusion, "ddpm", model_fn, x, model_kwargs, pixels=vae is None)
+    save_image_grid(decode(vae, latents[: len(noise)]), path, nrow=int(math.ceil(math.sqrt(len(noise)))))
 
 
 def parse_args(argv=None) -> argparse.Namespace:

