@@ -1,7 +1,9 @@
 """What train.py, extract_features.py and the sampling scripts share: processes, data, VAE, files."""
+import argparse
 import json
 import logging
 import os
+import sys
 import tempfile
 from datetime import timedelta
 from pathlib import Path
@@ -13,7 +15,7 @@ import torch.distributed as dist
 from PIL import Image
 
 from diffusion import create_diffusion
-from download import find_model, load_state_dict
+from download import DownloadError, find_model, load_state_dict
 from models import DiT_models
 
 # The Stable Diffusion VAEs DiT was trained with, by their short names.
@@ -21,6 +23,22 @@ HUB_VAES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-ms
 
 
 # ---- processes ---------------------------------------------------------------------------------
+
+def run_cli(main, args: argparse.Namespace) -> None:
+    """Run a script's main; a mistake in its input ends it with one line naming the problem, not a traceback."""
+    try:
+        main(args)
+    except (ValueError, FileNotFoundError, FloatingPointError, DownloadError) as error:
+        sys.exit(f"{Path(sys.argv[0]).name}: error: {error}")
+
+
+def add_sampling_flags(group) -> None:
+    """Flags sample.py and sample_ddp.py share beyond the official ones."""
+    group.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
+    group.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0: deterministic)")
+    group.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights of a train.py checkpoint")
+    group.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+
 
 def resolve_device(choice: str) -> torch.device:
     """'auto' takes CUDA when present; 'cuda' without a GPU is an error, not a silent fallback."""

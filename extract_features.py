@@ -10,7 +10,6 @@ ImageNet at 256px takes 1.28M x 2 x 2 x 4 x 32 x 32 float32 = 84 GB.
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 
 from common import (FEATURES_META, cleanup_distributed, create_logger, encode_posterior, feature_shard_names,
-                    image_folder, latent_shape, load_vae, setup_distributed, vae_scale)
+                    image_folder, latent_shape, load_vae, run_cli, setup_distributed, vae_scale)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -100,7 +99,4 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except ValueError as error:
-        sys.exit(f"extract_features.py: error: {error}")
+    run_cli(main, parse_args())

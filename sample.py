@@ -5,14 +5,12 @@ the official script's image: seed, build the model (its random init draws from t
 load the weights, load the VAE, and only then draw the noise.
 """
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-from common import (decode, guided_batch, load_model_for_sampling, resolve_device, run_sampler, sampling_diffusion,
-                    save_image_grid)
-from download import DownloadError
+from common import (add_sampling_flags, decode, guided_batch, load_model_for_sampling, resolve_device, run_cli,
+                    run_sampler, sampling_diffusion, save_image_grid)
 
 OFFICIAL_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
 
@@ -54,17 +52,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     official.add_argument("--ckpt", type=str, default=None, help="a train.py checkpoint, a state dict or .safetensors")
     extra = parser.add_argument_group("additions")
     extra.add_argument("--class-labels", type=int, nargs="+", default=None, help=f"default {OFFICIAL_LABELS}")
-    extra.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
-    extra.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0: deterministic)")
-    extra.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights of a train.py checkpoint")
+    add_sampling_flags(extra)
     extra.add_argument("--output", type=str, default="sample.png")
     extra.add_argument("--nrow", type=int, default=4, help="images per grid row")
-    extra.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     return parser.parse_args(argv)
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except (ValueError, FileNotFoundError, DownloadError) as error:
-        sys.exit(f"sample.py: error: {error}")
+    run_cli(main, parse_args())

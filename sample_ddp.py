@@ -10,7 +10,6 @@ exactly as sampling them would, so the result is byte-identical to an uninterrup
 import argparse
 import math
 import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -20,9 +19,8 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from common import (cleanup_distributed, decode, guided_batch, load_model_for_sampling, run_sampler, sampling_diffusion,
-                    setup_distributed, to_uint8_images)
-from download import DownloadError
+from common import (add_sampling_flags, cleanup_distributed, decode, guided_batch, load_model_for_sampling, run_cli,
+                    run_sampler, sampling_diffusion, setup_distributed, to_uint8_images)
 
 
 def readable_png(path: Path) -> bool:
@@ -159,15 +157,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                           help="TF32 matmuls on Ampere+ GPUs (faster, barely changes FID)")
     official.add_argument("--ckpt", type=str, default=None, help="a train.py checkpoint, a state dict or .safetensors")
     extra = parser.add_argument_group("additions")
-    extra.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
-    extra.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0: deterministic)")
-    extra.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights of a train.py checkpoint")
-    extra.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    add_sampling_flags(extra)
     return parser.parse_args(argv)
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except (ValueError, FileNotFoundError, DownloadError) as error:
-        sys.exit(f"sample_ddp.py: error: {error}")
+    run_cli(main, parse_args())

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
 from common import (LatentFeatures, atomic_torch_save, cleanup_distributed, create_logger, decode, encode_posterior,
-                    guided_batch, image_folder, latent_shape, load_vae, run_sampler, sample_latents, sampling_diffusion,
+                    guided_batch, image_folder, latent_shape, load_vae, run_cli, run_sampler, sample_latents, sampling_diffusion,
                     save_image_grid, setup_distributed, vae_scale)
 from diffusion import create_diffusion
 from models import DiT_models
@@ -208,6 +208,11 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
         update_ema(ema, model, decay=0)  # the EMA starts as a copy of the model
 
     ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        # Label dropout's rand() runs inside the compiled graph: draw it with the eager kernel so a
+        # compiled run consumes the generator exactly as an eager one (and resumes exactly).
+        from torch._inductor import config as inductor_config
+        inductor_config.fallback_random = True
     train_model = torch.compile(ddp_model) if args.compile else ddp_model
     sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=args.global_seed)
     # The loader gets a generator of its own: creating an epoch's iterator must not draw from the
@@ -416,7 +421,4 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except (ValueError, FloatingPointError) as error:
-        sys.exit(f"train.py: error: {error}")
+    run_cli(main, parse_args())

@@ -127,7 +127,7 @@ def main() -> None:
         "--model", args.model, "--image-size", str(args.image_size), "--vae", "none", "--num-classes", "10",
         "--no-random-flip", "--global-batch-size", str(args.global_batch_size), "--max-steps", str(args.max_steps),
         "--lr", str(args.lr), "--warmup-steps", str(args.warmup_steps), "--ema-decay", str(args.ema_decay),
-        "--log-every", "100", "--ckpt-every", str(args.max_steps), "--num-workers", "1", "--device", "cpu",
+        "--log-every", "100", "--ckpt-every", str(args.max_steps), "--num-workers", "0", "--device", "cpu",
         "--sample-every", str(max(args.max_steps // 4, 1)), "--sample-grid-size", "100",
     ]
     print("[demo] " + " ".join(train_command[1:]), flush=True)
