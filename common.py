@@ -337,8 +337,8 @@ def resolve_model_args(args, default_vae: str) -> dict:
     resolved = {key: getattr(args, key) if getattr(args, key, None) is not None else saved.get(key, default)
                 for key, default in OFFICIAL_DEFAULTS.items()}
     resolved["vae"] = args.vae if args.vae is not None else saved.get("vae", default_vae)
-    if args.ckpt is None and (resolved["model"], resolved["num_classes"]) != ("DiT-XL/2", 1000) \
-            or args.ckpt is None and resolved["image_size"] not in (256, 512):
+    has_pretrained = (resolved["model"], resolved["num_classes"]) == ("DiT-XL/2", 1000) and resolved["image_size"] in (256, 512)
+    if args.ckpt is None and not has_pretrained:
         raise ValueError("only DiT-XL/2 at 256 or 512px with 1000 classes has pretrained weights; "
                          "pass --ckpt for other models")
     return resolved
@@ -375,10 +375,12 @@ def load_model_for_sampling(args, device: torch.device, default_vae: str):
     return model, vae, config
 
 
-def guided_batch(noise: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg_scale: float, model):
-    """(x, model_fn, model_kwargs) for one sampling batch: with cfg_scale > 1 the batch is doubled with
-    the null class (index num_classes) and model.forward_with_cfg guides it; else plain model.forward."""
-    if cfg_scale > 1.0:
+def guided_batch(noise: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg_scale: float, model,
+                 guided: Optional[bool] = None):
+    """(x, model_fn, model_kwargs) for one sampling batch. Guided (by default when cfg_scale > 1, as
+    sample_ddp.py decides; sample.py always guides): the batch is doubled with the null class (index
+    num_classes) and model.forward_with_cfg combines the halves. Otherwise plain model.forward."""
+    if guided if guided is not None else cfg_scale > 1.0:
         x = torch.cat([noise, noise], 0)
         y = torch.cat([labels, torch.full_like(labels, num_classes)], 0)
         return x, model.forward_with_cfg, dict(y=y, cfg_scale=cfg_scale)
