@@ -5,9 +5,10 @@ import logging
 import os
 import sys
 import tempfile
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -51,10 +52,12 @@ def resolve_device(choice: str) -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def setup_distributed(device_choice: str) -> tuple[int, int, torch.device]:
-    """Join the torchrun world (NCCL on CUDA, gloo on CPU), or make a world of one for plain python.
+@contextmanager
+def distributed(device_choice: str) -> Iterator[tuple[int, int, torch.device]]:
+    """Join the torchrun world (NCCL on CUDA, gloo on CPU), or make a world of one for plain python,
+    for the body of a with-block; the process group is torn down however the body ends.
 
-    Returns (rank, world_size, device); the device uses LOCAL_RANK, so multi-node runs work.
+    Yields (rank, world_size, device); the device uses LOCAL_RANK, so multi-node runs work.
     """
     device = resolve_device(device_choice)
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -64,12 +67,18 @@ def setup_distributed(device_choice: str) -> tuple[int, int, torch.device]:
         dist.init_process_group(backend, timeout=timedelta(minutes=30))
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def cleanup_distributed() -> None:
-    if dist.is_initialized():
+    try:
+        yield dist.get_rank(), dist.get_world_size(), device
+    finally:
         dist.destroy_process_group()
+
+
+def require_positive(args: argparse.Namespace, *flags: str) -> None:
+    """Each named integer flag that is set must be at least 1."""
+    for flag in flags:
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
 
 
 def create_logger(logging_dir: Optional[Union[str, Path]], rank: int) -> logging.Logger:

@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 
-from common import (FEATURES_META, cleanup_distributed, create_logger, encode_posterior, feature_shard_names,
-                    image_folder, latent_shape, load_vae, run_cli, setup_distributed, vae_scale)
+from common import (FEATURES_META, create_logger, distributed, encode_posterior, feature_shard_names, image_folder,
+                    latent_shape, load_vae, require_positive, run_cli, vae_scale)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -26,11 +26,9 @@ def main(args: argparse.Namespace) -> None:
         raise ValueError("--vae none has no latents to extract; train pixel-space models with --data-path")
     if args.image_size <= 0 or args.image_size % 8:
         raise ValueError(f"--image-size {args.image_size} must be a positive multiple of 8")
-    rank, world_size, device = setup_distributed(args.device)
-    try:
+    require_positive(args, "batch_size")
+    with distributed(args.device) as (rank, world_size, device):
         extract(args, rank, world_size, device)
-    finally:
-        cleanup_distributed()
 
 
 def extract(args: argparse.Namespace, rank: int, world_size: int, device: torch.device) -> None:

@@ -19,8 +19,8 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from common import (add_sampling_flags, cleanup_distributed, decode, guided_batch, load_model_for_sampling, run_cli,
-                    run_sampler, sampling_diffusion, setup_distributed, to_uint8_images)
+from common import (add_sampling_flags, decode, distributed, guided_batch, load_model_for_sampling, require_positive,
+                    run_cli, run_sampler, sampling_diffusion, to_uint8_images)
 
 
 def readable_png(path: Path) -> bool:
@@ -67,14 +67,9 @@ def create_npz_from_sample_folder(sample_dir: Path, num: int, labels: np.ndarray
 def main(args: argparse.Namespace) -> None:
     if args.cfg_scale < 1.0:
         raise ValueError(f"--cfg-scale must be >= 1.0 (1.0 turns guidance off), got {args.cfg_scale}")
-    for flag in ("per_proc_batch_size", "num_fid_samples", "num_sampling_steps"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1")
-    rank, world_size, device = setup_distributed(args.device)
-    try:
+    require_positive(args, "per_proc_batch_size", "num_fid_samples", "num_sampling_steps")
+    with distributed(args.device) as (rank, world_size, device):
         sample(args, rank, world_size, device)
-    finally:
-        cleanup_distributed()
 
 
 @torch.no_grad()

@@ -23,9 +23,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
-from common import (LatentFeatures, atomic_torch_save, cleanup_distributed, create_logger, decode, encode_posterior,
-                    guided_batch, image_folder, latent_shape, load_vae, run_cli, run_sampler, sample_latents, sampling_diffusion,
-                    save_image_grid, setup_distributed, vae_scale)
+from common import (LatentFeatures, atomic_torch_save, create_logger, decode, distributed, encode_posterior,
+                    guided_batch, image_folder, latent_shape, load_vae, require_positive, run_cli, run_sampler,
+                    sample_latents, sampling_diffusion, save_image_grid, vae_scale)
 from diffusion import create_diffusion
 from models import DiT_models
 
@@ -116,9 +116,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--num-classes must be at least 1, got {args.num_classes}")
     if args.feature_path is None and args.data_path is None:
         raise ValueError("--data-path is required (or --feature-path with latents from extract_features.py)")
-    for flag in ("global_batch_size", "epochs", "log_every", "ckpt_every", "max_steps", "sample_steps", "sample_grid_size"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    require_positive(args, "global_batch_size", "epochs", "log_every", "ckpt_every", "max_steps", "sample_steps",
+                     "sample_grid_size")
     if not 0 <= args.ema_decay < 1:
         raise ValueError(f"--ema-decay must lie in [0, 1), got {args.ema_decay}")
 
@@ -127,11 +126,8 @@ def check_args(args: argparse.Namespace) -> None:
 
 def main(args: argparse.Namespace) -> None:
     check_args(args)
-    rank, world_size, device = setup_distributed(args.device)
-    try:
+    with distributed(args.device) as (rank, world_size, device):
         train(args, rank, world_size, device)
-    finally:
-        cleanup_distributed()
 
 
 def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.device) -> None:
