@@ -34,9 +34,12 @@ from models import DiT_models
 
 @torch.no_grad()
 def update_ema(ema_model: torch.nn.Module, model: torch.nn.Module, decay: float = 0.9999) -> None:
-    """ema = decay * ema + (1 - decay) * model, for every parameter, in two fused foreach ops."""
-    ema_params = list(ema_model.parameters())
-    model_params = [p.detach() for p in model.parameters()]
+    """ema = decay * ema + (1 - decay) * model for every trained parameter, in two fused foreach ops.
+
+    The fixed position table is left alone: averaging a constant with itself only adds rounding.
+    """
+    pairs = [(e, p.detach()) for e, p in zip(ema_model.parameters(), model.parameters()) if p.requires_grad]
+    ema_params, model_params = [e for e, _ in pairs], [p for _, p in pairs]
     torch._foreach_mul_(ema_params, decay)
     torch._foreach_add_(ema_params, model_params, alpha=1 - decay)
 

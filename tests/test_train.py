@@ -229,3 +229,22 @@ def test_compile_matches_eager(tmp_path, image_folder_path):
     eager = [r["loss"] for r in metrics(only_experiment(tmp_path / "eager"))]
     compiled = [r["loss"] for r in metrics(only_experiment(tmp_path / "compiled"))]
     assert compiled == pytest.approx(eager, rel=1e-4)
+
+
+def test_ema_update_formula_and_fixed_position_table():
+    from copy import deepcopy
+
+    from models import DiT
+    from train import update_ema
+    torch.manual_seed(0)
+    model = DiT(input_size=8, patch_size=4, in_channels=3, hidden_size=32, depth=1, num_heads=2, num_classes=2)
+    ema = deepcopy(model).requires_grad_(False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    before = {k: v.clone() for k, v in ema.state_dict().items()}
+    update_ema(ema, model, decay=0.9)
+    after, current = ema.state_dict(), model.state_dict()
+    assert torch.equal(after["pos_embed"], before["pos_embed"])
+    name = "blocks.0.attn.qkv.weight"
+    torch.testing.assert_close(after[name], 0.9 * before[name] + 0.1 * current[name])
