@@ -17,12 +17,6 @@ def approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * (1.0 + torch.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * torch.pow(x, 3))))
 
 
-def continuous_gaussian_log_likelihood(x: torch.Tensor, *, means: torch.Tensor, log_scales: torch.Tensor) -> torch.Tensor:
-    """Elementwise log density of x under N(means, exp(log_scales)^2), in nats."""
-    normalized = (x - means) * torch.exp(-log_scales)
-    return torch.distributions.Normal(torch.zeros_like(x), torch.ones_like(x)).log_prob(normalized) - log_scales
-
-
 def discretized_gaussian_log_likelihood(x: torch.Tensor, *, means: torch.Tensor, log_scales: torch.Tensor) -> torch.Tensor:
     """Log probability of x in [-1, 1] quantised to 256 levels (bins of width 2/255), in nats.
 
