@@ -29,7 +29,7 @@ def run_cli(main, args: argparse.Namespace) -> None:
     """Run a script's main; a mistake in its input ends it with one line naming the problem, not a traceback."""
     try:
         main(args)
-    except (ValueError, FileNotFoundError, FloatingPointError, DownloadError) as error:
+    except (ValueError, OSError, FloatingPointError, DownloadError) as error:
         sys.exit(f"{Path(sys.argv[0]).name}: error: {error}")
 
 

@@ -222,3 +222,12 @@ def test_find_model_local_files(tmp_path):
     assert torch.equal(download.find_model(tmp_path / "w.safetensors")["pos_embed"], state["pos_embed"])
     with pytest.raises(FileNotFoundError, match="not one of the official names"):
         download.find_model(tmp_path / "nope.pt")
+
+
+def test_unreachable_hub_vae_is_a_one_line_error(tmp_path, trained_checkpoint):
+    result = run_script("sample.py", "--ckpt", trained_checkpoint, "--vae", "mse", "--class-labels", "0",
+                        "--num-sampling-steps", "2", "--device", "cpu", "--output", tmp_path / "x.png",
+                        check=False, env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "could not load the VAE 'stabilityai/sd-vae-ft-mse'" in result.stderr
+    assert "--vae /path/to/a/local/AutoencoderKL folder" in result.stderr
