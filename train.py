@@ -148,6 +148,7 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
     if args.feature_path is not None:
         dataset = LatentFeatures(args.feature_path)
         dataset.check_matches(args.image_size, args.num_classes)
+        args.vae = dataset.meta["vae"]  # the VAE that made the latents: recorded in checkpoints, used by grids
         vae = load_vae(args.vae, device) if args.sample_every else None  # only sample grids decode
         channels, latent_size = dataset.channels, dataset.latent_size
         scale = dataset.scale

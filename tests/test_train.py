@@ -103,11 +103,18 @@ def test_extracted_latents_give_the_same_losses_as_on_the_fly_encoding(tmp_path,
     common = ["--global-batch-size", "4", "--max-steps", "5", "--log-every", "1", "--ckpt-every", "100",
               *latent_args(tiny_vae_path)]
     run_script("train.py", *common, "--data-path", image_folder_path, "--results-dir", tmp_path / "fly")
-    run_script("train.py", *common, "--feature-path", tmp_path / "features", "--results-dir", tmp_path / "pre")
+    # Sample grids from features decode with the VAE recorded in meta.json, whatever --vae says.
+    run_script("train.py", *common, "--feature-path", tmp_path / "features", "--results-dir", tmp_path / "pre",
+               "--vae", "none", "--sample-every", "5", "--sample-steps", "2", "--sample-grid-size", "4")
     on_the_fly = [r["loss"] for r in metrics(only_experiment(tmp_path / "fly"))]
     pre_extracted = [r["loss"] for r in metrics(only_experiment(tmp_path / "pre"))]
     assert len(on_the_fly) == 5
     assert on_the_fly == pytest.approx(pre_extracted, rel=1e-5, abs=1e-6)
+    from PIL import Image
+    grid = only_experiment(tmp_path / "pre") / "samples" / "0000005.png"
+    assert Image.open(grid).size == (2 * 32 + 3 * 2, 2 * 32 + 3 * 2)  # decoded 32px images, not 4x4 latents
+    checkpoint = load(next((only_experiment(tmp_path / "pre") / "checkpoints").iterdir()))
+    assert checkpoint["args"]["vae"] == str(tiny_vae_path)  # so sample.py rebuilds the right geometry
 
 
 def test_mixed_precision_and_checkpointing_train(tmp_path):
