@@ -86,7 +86,7 @@ def test_resume_is_bit_identical_across_ranks_epochs_and_vae(tmp_path, image_fol
 def test_resume_from_a_path_continues_that_experiment(tmp_path, image_folder_path):
     args = ["--data-path", image_folder_path, "--results-dir", tmp_path / "results", "--global-batch-size", "8",
             "--log-every", "1", "--ckpt-every", "100", *PIXEL]
-    run_script("train.py", *args, "--max-steps", "2")
+    run_script("train.py", *args, "--max-steps", "2", "--resume", "auto")  # nothing to resume: a fresh start
     experiment = only_experiment(tmp_path / "results")
     run_script("train.py", *args, "--max-steps", "4", "--resume", experiment / "checkpoints" / "0000002.pt")
     assert only_experiment(tmp_path / "results") == experiment
@@ -115,6 +115,12 @@ def test_extracted_latents_give_the_same_losses_as_on_the_fly_encoding(tmp_path,
     assert Image.open(grid).size == (2 * 32 + 3 * 2, 2 * 32 + 3 * 2)  # decoded 32px images, not 4x4 latents
     checkpoint = load(next((only_experiment(tmp_path / "pre") / "checkpoints").iterdir()))
     assert checkpoint["args"]["vae"] == str(tiny_vae_path)  # so sample.py rebuilds the right geometry
+    wrong_size = run_script("train.py", *common, "--feature-path", tmp_path / "features", "--results-dir",
+                            tmp_path / "bad", "--image-size", "64", check=False)
+    assert wrong_size.returncode != 0 and "holds 32px latents, but --image-size is 64" in wrong_size.stderr
+    no_vae = run_script("extract_features.py", "--data-path", image_folder_path, "--features-path", tmp_path / "f2",
+                        "--vae", "none", check=False)
+    assert no_vae.returncode != 0 and "--vae none has no latents to extract" in no_vae.stderr
 
 
 def test_mixed_precision_and_checkpointing_train(tmp_path):
@@ -255,3 +261,13 @@ def test_ema_update_formula_and_fixed_position_table():
     assert torch.equal(after["pos_embed"], before["pos_embed"])
     name = "blocks.0.attn.qkv.weight"
     torch.testing.assert_close(after[name], 0.9 * before[name] + 0.1 * current[name])
+
+
+def test_cuda_without_a_gpu_is_an_error_not_a_fallback():
+    from common import resolve_device
+    if torch.cuda.is_available():
+        assert resolve_device("cuda").type == "cuda"
+    else:
+        with pytest.raises(ValueError, match="--device cuda was asked for"):
+            resolve_device("cuda")
+    assert resolve_device("cpu").type == "cpu"
