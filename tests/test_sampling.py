@@ -1,7 +1,5 @@
 """sample.py, sample_ddp.py and download.py, offline: tiny checkpoints, a tiny VAE, a loopback server."""
 import hashlib
-import http.server
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +9,7 @@ from PIL import Image
 
 import download
 from common import guided_batch, load_weights
-from conftest import run_script
+from conftest import LoopbackServer, run_script
 from diffusion import create_diffusion
 from models import DiT_models
 
@@ -132,35 +130,9 @@ def test_sample_ddp_rejects_guidance_below_one(tmp_path, trained_checkpoint):
 
 # ---- download.py ----------------------------------------------------------------------------------
 
-class Server:
-    """A loopback HTTP server whose response per path the test sets: (status, body, declared length)."""
-
-    def __init__(self):
-        self.routes = {}
-        routes = self.routes
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                status, body, length = routes.get(self.path, (404, b"not found", None))
-                self.send_response(status)
-                self.send_header("Content-Length", str(length if length is not None else len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/models"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-
-
 @pytest.fixture
 def server(monkeypatch):
-    srv = Server()
+    srv = LoopbackServer()
     monkeypatch.setenv("DIT_MODELS_URL", srv.url)
     yield srv
     srv.close()

