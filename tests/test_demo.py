@@ -9,11 +9,14 @@ from conftest import run_script
 def test_demo_pipeline_runs_and_its_judge_is_trustworthy(tmp_path):
     out = tmp_path / "demo"
     result = run_script("demo/mnist.py", "--out", out, "--max-steps", "4", "--global-batch-size", "32",
-                        "--per-class", "2", "--sample-steps", "3", timeout=600)
+                        "--per-class", "2", "--sample-steps", "3", "--fid-reference", "60", timeout=600)
     report = json.loads((out / "report.json").read_text())
     assert report["train_steps"] == 4 and report["sampled_digits"] == 20
     assert report["classifier_accuracy_on_real"] > 0.93  # the judge itself must know real digits
     assert 0.0 <= report["class_accuracy_of_samples"] <= 1.0
+    # Four training steps make blobs, far from real digits; held-out real digits sit near the reference.
+    assert report["fid_images"] == [20, 60]
+    assert report["fid_samples_vs_real"] > 2 * report["fid_held_out_real_vs_real"] > 0
     assert len(list((out / "mnist").rglob("*.png"))) == 5000
     assert sorted(p.name for p in (out / "mnist").iterdir() if p.is_dir()) == [str(d) for d in range(10)]
     assert Image.open(out / "samples.png").size == (10 * 16 + 11 * 2, 2 * 16 + 3 * 2)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from common import atomic_torch_save
-from conftest import ROOT, make_image_folder, run_script
+from conftest import ROOT, fid_network_path, make_image_folder, run_script
 
 PIXEL = ["--model", "DiT-Nano/4", "--image-size", "16", "--vae", "none", "--num-classes", "2",
          "--num-workers", "0", "--device", "cpu"]
@@ -180,6 +180,8 @@ def test_non_finite_loss_names_the_step_and_keeps_weights(tmp_path, image_folder
     ("patch-mismatch", "input_size 18 is not divisible by patch_size 4 (the model's input for --image-size 18)"),
     ("too-few-images", "fewer than one global batch of 64"),
     ("bad-vae", "--vae must be ema, mse, none or a local AutoencoderKL folder"),
+    ("fid-without-reference", "--fid-every needs --fid-ref STATS.npz"),
+    ("fid-reference-missing", "--fid-ref nothing.npz: no such file"),
 ])
 def test_bad_inputs_fail_before_work(tmp_path, image_folder_path, case, message):
     args = {"data": ["--data-path", image_folder_path], "batch": ["--global-batch-size", "4"], "rest": PIXEL}
@@ -196,12 +198,35 @@ def test_bad_inputs_fail_before_work(tmp_path, image_folder_path, case, message)
         args["batch"] = ["--global-batch-size", "64"]
     elif case == "bad-vae":
         args["rest"] = PIXEL[:4] + ["--vae", "no-such-vae", "--device", "cpu"]
+    elif case == "fid-without-reference":
+        args["rest"] = PIXEL + ["--fid-every", "2"]
+    elif case == "fid-reference-missing":
+        args["rest"] = PIXEL + ["--fid-every", "2", "--fid-ref", "nothing.npz"]
     result = run_script("train.py", *args["data"], *args["batch"], *args["rest"], "--results-dir", tmp_path / "r",
                         check=False)
     assert result.returncode != 0
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert not any((tmp_path / "r").rglob("*.pt"))
+
+
+def test_fid_monitoring_logs_fid_and_leaves_training_unchanged(tmp_path, image_folder_path):
+    inception = ["--inception", fid_network_path()]
+    run_script("evaluate.py", image_folder_path, "--image-size", "16", "--save-stats", tmp_path / "ref.npz", *inception)
+    common = ["--data-path", image_folder_path, "--global-batch-size", "4", "--max-steps", "4", "--log-every", "1",
+              "--ckpt-every", "100", *PIXEL]
+    run_script("train.py", *common, "--results-dir", tmp_path / "plain", nproc=2)
+    run_script("train.py", *common, "--results-dir", tmp_path / "fid", "--fid-every", "2", "--fid-ref",
+               tmp_path / "ref.npz", "--fid-samples", "5", "--fid-steps", "3", *inception, nproc=2)
+    experiment = only_experiment(tmp_path / "fid")
+    fids = [r for r in metrics(experiment) if "fid" in r]
+    assert [r["step"] for r in fids] == [2, 4]
+    assert all(r["fid"] > 0 and r["fid_samples"] == 5 and (r["fid_sampler"], r["fid_steps"]) == ("ddim", 3)
+               for r in fids)
+    assert "(step=0000004) FID-5: " in (experiment / "log.txt").read_text()
+    assert "EMA weights, DDIM 3 steps, cfg-scale 1.0" in (experiment / "log.txt").read_text()
+    losses = [r["loss"] for r in metrics(experiment) if "loss" in r]
+    assert losses == [r["loss"] for r in metrics(only_experiment(tmp_path / "plain"))]  # training RNG untouched
 
 
 def test_batch_not_divisible_by_world_size(tmp_path, image_folder_path):
