@@ -17,7 +17,7 @@ from PIL import Image
 
 from diffusion import create_diffusion
 from download import DownloadError, find_model, load_state_dict
-from models import DiT_models
+from models import BLOCK_DESIGNS, DiT_models
 
 # The Stable Diffusion VAEs DiT was trained with, by their short names.
 HUB_VAES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
@@ -39,6 +39,8 @@ def add_sampling_flags(group) -> None:
     group.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0: deterministic)")
     group.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights of a train.py checkpoint")
     group.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    group.add_argument("--block", choices=BLOCK_DESIGNS, default=None,
+                       help="block design (default: the checkpoint's, else read from its weights)")
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -321,6 +323,7 @@ def guess_config(state_dict: dict) -> Optional[str]:
     except (KeyError, ValueError, AttributeError):
         return None
     latent = int(round(tokens ** 0.5)) * patch
+    design = block_design(state_dict)
     names = []
     for name, make in DiT_models.items():
         with torch.device("meta"):
@@ -329,7 +332,18 @@ def guess_config(state_dict: dict) -> Optional[str]:
             names.append(name)
     model_flag = f"--model {names[0]}" if names else f"a DiT of depth {depth}, width {width}, patch {patch}"
     size = f"--image-size {latent * 8} with a VAE (or {latent} with --vae none)" if channels == 4 else f"--image-size {latent} --vae none"
-    return f"{model_flag} {size} --num-classes {rows - 1} (or {rows} without label dropout)"
+    block = f" --block {design}" if design != "adaln-zero" else ""
+    return f"{model_flag} {size} --num-classes {rows - 1} (or {rows} without label dropout){block}"
+
+
+def block_design(state_dict: dict) -> str:
+    """Which of models.BLOCK_DESIGNS a DiT state dict holds, from its parameter names and shapes."""
+    if "blocks.0.cross_attn.q.weight" in state_dict:
+        return "cross-attention"
+    modulation = state_dict.get("blocks.0.adaLN_modulation.1.weight")
+    if modulation is None:
+        return "in-context"
+    return "adaln" if modulation.shape[0] == 4 * modulation.shape[1] else "adaln-zero"
 
 
 OFFICIAL_DEFAULTS = {"model": "DiT-XL/2", "image_size": 256, "num_classes": 1000, "class_dropout_prob": 0.1}
@@ -346,6 +360,7 @@ def resolve_model_args(args, default_vae: str) -> dict:
     resolved = {key: getattr(args, key) if getattr(args, key, None) is not None else saved.get(key, default)
                 for key, default in OFFICIAL_DEFAULTS.items()}
     resolved["vae"] = args.vae if args.vae is not None else saved.get("vae", default_vae)
+    resolved["block"] = getattr(args, "block", None) or saved.get("block")  # None: read from the weights
     has_pretrained = (resolved["model"], resolved["num_classes"]) == ("DiT-XL/2", 1000) and resolved["image_size"] in (256, 512)
     if args.ckpt is None and not has_pretrained:
         raise ValueError("only DiT-XL/2 at 256 or 512px with 1000 classes has pretrained weights; "
@@ -358,13 +373,14 @@ def build_model(config: dict, channels: int, latent_size: int, device: torch.dev
         raise ValueError(f"--model {config['model']!r} is unknown; choose from {', '.join(DiT_models)}")
     model = DiT_models[config["model"]](input_size=latent_size, in_channels=channels,
                                        num_classes=config["num_classes"],
-                                       class_dropout_prob=config["class_dropout_prob"])
+                                       class_dropout_prob=config["class_dropout_prob"], block=config["block"])
     return model.to(device)
 
 
 def load_model_for_sampling(args, device: torch.device, default_vae: str):
     """(model in eval mode with its weights, VAE or None, resolved config), in the official order:
-    the model is built (drawing its random init) and loaded before the VAE, so seeded runs match."""
+    the model is built (drawing its random init) and loaded before the VAE, so seeded runs match.
+    The weights are read first (that draws nothing), so a bare state dict names its block design."""
     config = resolve_model_args(args, default_vae)
     if config["vae"] == "none":
         channels, latent_size = 3, config["image_size"]
@@ -372,9 +388,10 @@ def load_model_for_sampling(args, device: torch.device, default_vae: str):
         raise ValueError(f"--image-size {config['image_size']} must be a multiple of 8 with a VAE")
     else:
         channels, latent_size = 4, config["image_size"] // 8  # checked against the VAE below
-    model = build_model(config, channels, latent_size, device)
     ckpt = args.ckpt or f"DiT-XL-2-{config['image_size']}x{config['image_size']}.pt"
     state_dict = find_model(ckpt) if args.ckpt is None else load_state_dict(Path(ckpt), args.weights)
+    config["block"] = config["block"] or block_design(state_dict)
+    model = build_model(config, channels, latent_size, device)
     load_weights(model, state_dict, ckpt)
     model.eval()
     vae = load_vae(config["vae"], device)

@@ -23,6 +23,8 @@ from models import DiT, get_2d_sincos_pos_embed
 
 def transformer_config(model: DiT) -> dict:
     """The DiTTransformer2DModel arguments that describe the same network."""
+    if model.block != "adaln-zero":
+        raise ValueError(f"diffusers' DiTTransformer2DModel is the adaLN-Zero design; this model is {model.block}")
     width = model.pos_embed.shape[-1]
     table_rows = model.y_embedder.embedding_table.num_embeddings
     if table_rows != model.num_classes + 1:

@@ -137,8 +137,9 @@ def read_npz(path: Path) -> dict:
 
 def extract(network: InceptionNetwork, source: str, batch_size: int = 50, image_size: Optional[int] = None,
             progress: bool = True) -> dict:
-    """Pool3 features (and logits when the network has them) of an image npz or folder; or the
-    statistics stored in a statistics npz. Returns a dict with 'mu' and 'sigma' in every case."""
+    """Pool3 features (and logits when the network has them) of an image npz or folder, and their
+    'mu' and 'sigma'; an npz that stores mu and sigma (ADM's reference batches, --save-stats) gives
+    those instead of recomputing them, and its images (arr_0) or pool3 only serve precision/recall."""
     path = Path(source)
     if path.is_dir():
         count, batches = folder_batches(path, batch_size, image_size)
@@ -146,13 +147,14 @@ def extract(network: InceptionNetwork, source: str, batch_size: int = 50, image_
     if not path.is_file():
         raise ValueError(f"{source}: no such file or folder")
     data = read_npz(path)
-    if "mu" in data and "sigma" in data:
-        return check_statistics(data, source)
-    if "arr_0" not in data:
+    if "arr_0" not in data and not {"mu", "sigma"} <= set(data):
         raise ValueError(f"{source} has neither images (arr_0) nor statistics (mu, sigma); keys: {sorted(data)}")
     if image_size is not None:
-        raise ValueError(f"--image-size applies to image folders; {source} holds {data['arr_0'].shape} images")
-    return image_features(network, data["arr_0"], batch_size, progress, source)
+        raise ValueError(f"--image-size applies to image folders; {source} is an .npz")
+    result = image_features(network, data["arr_0"], batch_size, progress, source) if "arr_0" in data else {}
+    if {"mu", "sigma"} <= set(data):  # stored statistics win, as in ADM's evaluator (images still give P/R)
+        result.update(check_statistics(data, source))
+    return result
 
 
 def image_features(network: InceptionNetwork, images: np.ndarray, batch_size: int = 50, progress: bool = False,

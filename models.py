@@ -1,7 +1,9 @@
 """DiT: a transformer that denoises latent patches, conditioned by adaLN-Zero on timestep and class.
 
 Parameter names and shapes follow the official release, so its checkpoints load with strict=True.
-Read top to bottom: embeddings, the block, the final layer, the model, the 12 configs, op counting.
+The paper's three other block designs (its Section 3: in-context conditioning, cross-attention,
+adaLN without the zero-initialised gates) are a constructor choice, `block=`.
+Read top to bottom: embeddings, the blocks, the final layer, the model, the configs, op counting.
 """
 import math
 from typing import Optional
@@ -9,6 +11,7 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.models.vision_transformer import Attention, Mlp, PatchEmbed
 from torch.utils.checkpoint import checkpoint
 
@@ -103,42 +106,108 @@ class LabelEmbedder(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Transformer blocks
+# Transformer blocks: the four designs of the paper's Section 3
 # ---------------------------------------------------------------------------------------------
 
-class DiTBlock(nn.Module):
-    """Pre-norm transformer block whose norms are modulated, and residuals gated, by c (adaLN-Zero)."""
+BLOCK_DESIGNS = ("adaln-zero", "adaln", "cross-attention", "in-context")
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+
+class DiTBlock(nn.Module):
+    """Pre-norm transformer block whose norms are modulated, and residuals gated, by c (adaLN-Zero).
+
+    gated=False is the paper's plain adaLN design: shift and scale only, regressed from the same c.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, gated: bool = True):
         super().__init__()
+        self.gated = gated
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(
-            in_features=hidden_size,
-            hidden_features=int(hidden_size * mlp_ratio),
-            act_layer=lambda: nn.GELU(approximate="tanh"),
-            drop=0,
-        )
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+        self.mlp = mlp(hidden_size, mlp_ratio)
+        chunks = 6 if gated else 4
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, chunks * hidden_size, bias=True))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        if not self.gated:
+            shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(c).chunk(4, dim=1)
+            x = x + self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+            return x + self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
 
-class FinalLayer(nn.Module):
-    """Modulated LayerNorm, then a Linear from each token to its p*p*out_channels patch values."""
+def mlp(hidden_size: int, mlp_ratio: float) -> Mlp:
+    """The blocks' feed-forward: D -> 4D -> D with tanh-approximated GELU, as the official model."""
+    return Mlp(in_features=hidden_size, hidden_features=int(hidden_size * mlp_ratio),
+               act_layer=lambda: nn.GELU(approximate="tanh"), drop=0)
 
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from the image tokens (queries) to a short conditioning sequence."""
+
+    def __init__(self, hidden_size: int, num_heads: int):
         super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+        self.num_heads = num_heads
+        self.q = nn.Linear(hidden_size, hidden_size, bias=True)
+        self.kv = nn.Linear(hidden_size, 2 * hidden_size, bias=True)
+        self.proj = nn.Linear(hidden_size, hidden_size, bias=True)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        n, tokens, width = x.shape
+        head_dim = width // self.num_heads
+        q = self.q(x).reshape(n, tokens, self.num_heads, head_dim).transpose(1, 2)
+        k, v = self.kv(context).reshape(n, context.shape[1], 2, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(n, tokens, width))
+
+
+class ViTBlock(nn.Module):
+    """A standard pre-norm ViT block (the in-context design), with a cross-attention layer after
+    self-attention when cross_attention=True (the cross-attention design)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, cross_attention: bool = False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
+        if cross_attention:
+            self.norm_cross = nn.LayerNorm(hidden_size, eps=1e-6)
+            self.cross_attn = CrossAttention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.mlp = mlp(hidden_size, mlp_ratio)
+
+    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        if context is not None:
+            x = x + self.cross_attn(self.norm_cross(x), context)
+        return x + self.mlp(self.norm2(x))
+
+
+def make_block(design: str, hidden_size: int, num_heads: int, mlp_ratio: float) -> nn.Module:
+    if design.startswith("adaln"):
+        return DiTBlock(hidden_size, num_heads, mlp_ratio, gated=design == "adaln-zero")
+    return ViTBlock(hidden_size, num_heads, mlp_ratio, cross_attention=design == "cross-attention")
+
+
+class FinalLayer(nn.Module):
+    """Modulated LayerNorm, then a Linear from each token to its p*p*out_channels patch values.
+
+    adaptive=False (in-context and cross-attention designs, whose c is not a vector per block): a
+    plain LayerNorm with learned affine parameters, then the same Linear.
+    """
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, adaptive: bool = True):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=not adaptive, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        if adaptive:
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+
+    def forward(self, x: torch.Tensor, c: Optional[torch.Tensor]) -> torch.Tensor:
+        if not hasattr(self, "adaLN_modulation"):
+            return self.linear(self.norm_final(x))
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
@@ -163,8 +232,11 @@ class DiT(nn.Module):
         num_classes: int = 1000,
         learn_sigma: bool = True,
         gradient_checkpointing: bool = False,
+        block: str = "adaln-zero",
     ):
         super().__init__()
+        if block not in BLOCK_DESIGNS:
+            raise ValueError(f"block must be one of {', '.join(BLOCK_DESIGNS)}, got {block!r}")
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
         if hidden_size % num_heads:
@@ -177,6 +249,7 @@ class DiT(nn.Module):
         self.num_heads = num_heads
         self.num_classes = num_classes
         self.gradient_checkpointing = gradient_checkpointing
+        self.block = block
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -184,12 +257,13 @@ class DiT(nn.Module):
         num_patches = self.x_embedder.num_patches
         # Fixed sin-cos table; a parameter (not a buffer) only so checkpoints keep the official keys.
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio) for _ in range(depth)])
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.blocks = nn.ModuleList([make_block(block, hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, adaptive=block.startswith("adaln"))
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        """Official init; every adaLN output and the final Linear start at zero, so output == 0."""
+        """Official init; for adaLN-Zero every adaLN output and the final Linear start at zero, so
+        output == 0. The other designs keep the ordinary (xavier) init of those layers."""
         def xavier_linear(module: nn.Module) -> None:
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -211,6 +285,8 @@ class DiT(nn.Module):
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
 
+        if self.block != "adaln-zero":
+            return
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
@@ -263,13 +339,21 @@ class DiT(nn.Module):
         """x: (N, C, H, W) noisy latents, t: (N,) timesteps, y: (N,) labels -> (N, out_channels, H, W)."""
         self._check_inputs(x, t, y)
         x = self.x_embedder(x) + self.pos_embed
-        c = self.t_embedder(t) + self.y_embedder(y, self.training)
+        t_emb, y_emb = self.t_embedder(t), self.y_embedder(y, self.training)
+        if self.block == "in-context":  # two extra tokens (no position), dropped after the last block
+            x, c = torch.cat([x, t_emb.unsqueeze(1), y_emb.unsqueeze(1)], dim=1), None
+        elif self.block == "cross-attention":  # a length-2 sequence the tokens attend to
+            c = torch.stack([t_emb, y_emb], dim=1)
+        else:  # adaLN(-Zero): one vector regressed into every block's shift/scale(/gate)
+            c = t_emb + y_emb
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, c, use_reentrant=False)
             else:
                 x = block(x, c)
-        x = self.final_layer(x, c)
+        if self.block == "in-context":
+            x = x[:, :-2]
+        x = self.final_layer(x, c if self.block != "cross-attention" else None)
         return self.unpatchify(x)
 
     def forward_with_cfg(

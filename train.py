@@ -28,7 +28,7 @@ from common import (LatentFeatures, atomic_torch_save, create_logger, decode, di
                     sample_latents, sampling_diffusion, save_image_grid, to_uint8_images, vae_scale)
 from diffusion import create_diffusion
 from evaluate import InceptionNetwork, as_uint8_nchw, check_statistics, frechet_distance, read_npz, statistics
-from models import DiT_models
+from models import BLOCK_DESIGNS, DiT_models
 
 
 # ---- the pieces of one run -----------------------------------------------------------------------
@@ -168,7 +168,7 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
     try:
         model = DiT_models[args.model](input_size=latent_size, in_channels=channels, num_classes=args.num_classes,
                                        class_dropout_prob=args.class_dropout_prob,
-                                       gradient_checkpointing=args.grad_checkpointing)
+                                       gradient_checkpointing=args.grad_checkpointing, block=args.block)
     except ValueError as error:
         raise ValueError(f"{error} (the model's input for --image-size {args.image_size})") from None
     ema = deepcopy(model).to(device).requires_grad_(False)
@@ -460,6 +460,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     extra = parser.add_argument_group("additions")
     extra.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    extra.add_argument("--block", choices=BLOCK_DESIGNS, default="adaln-zero",
+                       help="conditioning design of the paper's Section 3 (adaln-zero: the official DiT)")
     extra.add_argument("--no-tf32", dest="tf32", action="store_false", help="disable TF32 matmuls on Ampere+ GPUs")
     extra.add_argument("--feature-path", type=str, default=None, help="latents written by extract_features.py")
     extra.add_argument("--resume", type=str, default=None, help="checkpoint path, or 'auto' for the latest one")

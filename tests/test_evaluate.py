@@ -73,6 +73,16 @@ def test_statistics_written_and_read_back_give_the_same_metrics(tmp_path, networ
         assert stored["mu"].shape == (2048,) and stored["sigma"].shape == (2048, 2048)
 
 
+def test_adm_reference_batch_statistics_win_and_its_images_give_precision_recall(tmp_path, network, sets, features):
+    # ADM's reference batches hold images and statistics; its evaluator uses the stored statistics.
+    np.savez(tmp_path / "adm.npz", arr_0=np.load(sets["half_b"])["arr_0"], mu=features["zeros"]["mu"],
+             sigma=features["zeros"]["sigma"])
+    metrics = evaluate.evaluate(features["half_a"], evaluate.extract(network, str(tmp_path / "adm.npz"), progress=False))
+    assert metrics["fid"] == evaluate.frechet_distance(features["half_a"], features["zeros"])
+    expected = evaluate.precision_recall(features["half_a"]["pool3"], features["half_b"]["pool3"])
+    assert (metrics["precision"], metrics["recall"]) == expected
+
+
 def test_cli_metrics_and_stats_from_a_folder(tmp_path, sets, features):
     digits = np.load(sets["half_b"])["arr_0"]
     folder = tmp_path / "real"
