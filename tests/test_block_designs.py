@@ -1,7 +1,11 @@
 """The paper's four conditioning designs: shapes, init, guidance, dropout, Gflops, training, scripts."""
+import json
+
 import pytest
 import torch
+from PIL import Image
 
+from bench.model_table import PAPER_XL2_DESIGN_GFLOPS
 from common import block_design
 from conftest import make_image_folder, run_script
 from diffusion import create_diffusion
@@ -9,8 +13,6 @@ from models import BLOCK_DESIGNS, DiT, DiT_models, count_forward_gmacs
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10)
 
-# Gflops of DiT-XL/2 at 256px in the paper's block-design figure (its Figure 5 legend).
-PAPER_XL2_GFLOPS = {"adaln-zero": 118.6, "adaln": 118.6, "cross-attention": 137.6, "in-context": 119.4}
 
 
 def inputs(n: int = 4, seed: int = 0):
@@ -122,7 +124,7 @@ def test_gradient_checkpointing_changes_nothing(block):
 def test_xl2_gflops_against_the_paper(block):
     with torch.device("meta"):
         model = DiT_models["DiT-XL/2"](input_size=32, block=block)
-    assert count_forward_gmacs(model) == pytest.approx(PAPER_XL2_GFLOPS[block], rel=1e-3)
+    assert count_forward_gmacs(model) == pytest.approx(PAPER_XL2_DESIGN_GFLOPS[block], rel=1e-3)
 
 
 def test_train_records_the_block_and_sampling_rebuilds_it(tmp_path):
@@ -146,3 +148,16 @@ def test_train_records_the_block_and_sampling_rebuilds_it(tmp_path):
                        "--vae", "none", "--num-classes", "2", "--block", "adaln-zero", "--output",
                        tmp_path / "x.png", check=False)
     assert wrong.returncode != 0 and "--block cross-attention" in wrong.stderr
+
+
+def test_ablation_script_smoke(tmp_path):
+    out = tmp_path / "ablation"
+    result = run_script("experiments/block_ablation.py", "--out", out, "--max-steps", "3", "--global-batch-size", "32",
+                        "--log-every", "1", "--per-class", "1", "--sample-steps", "2", "--fid-reference", "30",
+                        "--designs", "adaln", "in-context", timeout=600)
+    report = json.loads((out / "ablation.json").read_text())
+    assert [r["block"] for r in report["rows"]] == ["adaln", "in-context"]
+    assert all(r["steps"] == 3 and r["fid"] > 0 and 0 <= r["class_accuracy"] <= 1 for r in report["rows"])
+    assert (out / "ablation.md").read_text().count("\n") == 2 + 2 + 1
+    assert Image.open(out / "loss_curves.png").size == (840, 504)
+    assert "table, JSON and loss curves" in result.stdout
