@@ -33,6 +33,9 @@ from models import BLOCK_DESIGNS, DiT_models
 
 # ---- the pieces of one run -----------------------------------------------------------------------
 
+HEALTH_CHECK_EVERY = 10  # steps between checks for a non-finite loss or a stop signal (besides log steps)
+NEVER = 2 ** 52  # "no non-finite loss yet" (exact in float64, which the check's all-reduce uses)
+
 @torch.no_grad()
 def update_ema(ema_model: torch.nn.Module, model: torch.nn.Module, decay: float = 0.9999) -> None:
     """ema = decay * ema + (1 - decay) * model for every trained parameter, in two fused foreach ops.
@@ -222,7 +225,8 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
     # The loader gets a generator of its own: creating an epoch's iterator must not draw from the
     # global one, or a resumed run would drift from a straight one.
     loader = DataLoader(dataset, batch_size=local_batch, shuffle=False, sampler=sampler, num_workers=args.num_workers,
-                        pin_memory=device.type == "cuda", drop_last=True, generator=torch.Generator().manual_seed(seed))
+                        pin_memory=device.type == "cuda", drop_last=True, persistent_workers=args.num_workers > 0,
+                        generator=torch.Generator().manual_seed(seed))
     steps_per_epoch = sampler.num_samples // local_batch
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
     logger.info(f"Dataset contains {len(dataset):,} images ({args.data_path or args.feature_path}); "
@@ -258,7 +262,23 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
     progress = make_progress_bar(rank, train_steps, max_steps)
     model.train()
     ema.eval()
-    running_loss, log_steps, start_time = 0.0, 0, time.time()
+    running_loss, log_steps, start_time = torch.zeros((), dtype=torch.float64, device=device), 0, time.time()
+    first_bad_step, last_checkpoint = torch.tensor(NEVER, device=device), checkpoint_path
+
+    def check_health() -> bool:
+        """The only host sync between log lines: one all-reduce that tells every rank whether any
+        rank saw a non-finite loss (an error) or a stop signal (the return value)."""
+        stopping = torch.tensor(-float(stop_signal["name"] is not None), device=device)
+        flags = torch.stack([first_bad_step.double(), stopping.double()])
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+        bad_step, stop = flags.tolist()
+        if bad_step != NEVER:
+            kept = f"the last checkpoint, {last_checkpoint}, is intact" if last_checkpoint else "no checkpoint was written"
+            raise FloatingPointError(f"loss became non-finite at step {int(bad_step)} (seen at step {train_steps}; "
+                                     f"the weights are no longer finite and were not saved; {kept}). "
+                                     f"Try a lower --lr or --grad-clip")
+        return stop < 0
+
     done = train_steps >= max_steps
     while not done and epoch < args.epochs:
         sampler.set_epoch(epoch)
@@ -281,16 +301,6 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
                 loss = diffusion.training_losses(train_model, x, t, dict(y=y))["loss"].mean()
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-
-            # One small all-reduce tells every rank about a bad loss or a stop signal anywhere.
-            loss_value = loss.item()
-            flags = torch.tensor([float(not math.isfinite(loss_value)), float(stop_signal["name"] is not None)],
-                                 device=device)
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            if flags[0]:
-                path = save_checkpoint()
-                raise FloatingPointError(f"loss became non-finite at step {train_steps + 1}; the weights before "
-                                         f"that step are saved in {path} (try a lower --lr or --grad-clip)")
             if args.grad_clip is not None:
                 scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -298,15 +308,25 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
             scaler.update()
             update_ema(ema, model, args.ema_decay)
 
-            running_loss += loss_value
+            # No host sync here: the loss is summed, and a non-finite one recorded, on the device.
+            running_loss += loss.detach()
+            first_bad_step = torch.where(torch.isfinite(loss.detach()) | (first_bad_step != NEVER),
+                                         first_bad_step, train_steps + 1)
             log_steps += 1
             train_steps += 1
             position += 1
             if progress is not None:
                 progress.update(1)
+            end_of_epoch = position == steps_per_epoch
+            if end_of_epoch:
+                epoch, position = epoch + 1, 0
+            at_checkpoint = train_steps % args.ckpt_every == 0
+            done = train_steps >= max_steps or (end_of_epoch and epoch >= args.epochs)
+            if done or at_checkpoint or train_steps % args.log_every == 0 or train_steps % HEALTH_CHECK_EVERY == 0:
+                done = check_health() or done
             if train_steps % args.log_every == 0:
                 log_metrics(logger, metrics_file, device, running_loss, log_steps, start_time, train_steps, args, opt)
-                running_loss, log_steps, start_time = 0.0, 0, time.time()
+                running_loss, log_steps, start_time = torch.zeros((), dtype=torch.float64, device=device), 0, time.time()
             evaluated = time.time()
             if args.sample_every and train_steps % args.sample_every == 0 and rank == 0:
                 write_sample_grid(ema, vae, sample_noise, sample_labels, args, experiment_dir / "samples" / f"{train_steps:07d}.png")
@@ -322,12 +342,8 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
                                 f"{record['fid_seconds']:.1f} s)")
                     write_record(metrics_file, record)
             start_time += time.time() - evaluated  # throughput counts training only
-            end_of_epoch = position == steps_per_epoch
-            if end_of_epoch:
-                epoch, position = epoch + 1, 0
-            done = train_steps >= max_steps or flags[1] or (end_of_epoch and epoch >= args.epochs)
-            if train_steps % args.ckpt_every == 0 or done:
-                save_checkpoint()
+            if at_checkpoint or done:
+                last_checkpoint = save_checkpoint()
             if done or end_of_epoch:
                 break
 
@@ -355,7 +371,7 @@ def log_metrics(logger, metrics_file, device, running_loss, log_steps, start_tim
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     steps_per_sec = log_steps / (time.time() - start_time)
-    avg_loss = torch.tensor(running_loss / log_steps, device=device)
+    avg_loss = running_loss / log_steps
     dist.all_reduce(avg_loss, op=dist.ReduceOp.SUM)
     avg_loss = avg_loss.item() / dist.get_world_size()
     record = {"step": train_steps, "loss": avg_loss, "steps_per_sec": steps_per_sec,

@@ -60,14 +60,6 @@ def betas_for_alpha_bar(num_diffusion_timesteps: int, alpha_bar: Callable[[float
     return np.array([min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), max_beta) for i in range(n)], dtype=np.float64)
 
 
-def _extract_into_tensor(arr: np.ndarray, timesteps: torch.Tensor, broadcast_shape) -> torch.Tensor:
-    """Gather float64 arr[timesteps], cast to float32, and broadcast to (N, *broadcast_shape[1:])."""
-    res = torch.from_numpy(arr).to(device=timesteps.device)[timesteps].float()
-    while res.ndim < len(broadcast_shape):
-        res = res[..., None]
-    return res + torch.zeros(broadcast_shape, device=timesteps.device)
-
-
 def _infer_device(model, noise: Optional[torch.Tensor]) -> torch.device:
     """Where to sample when no device is given: the noise's, else the model's parameters'."""
     if noise is not None:
@@ -116,13 +108,34 @@ class GaussianDiffusion:
         self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
 
+        # Values the methods below gather, derived once here rather than on every call.
+        self.one_minus_alphas_cumprod = 1.0 - self.alphas_cumprod
+        self.log_betas = np.log(betas)
+        # FIXED_LARGE variance: beta_t, but beta-tilde_1 at t=0 for a better decoder log-likelihood.
+        self.fixed_large_variance = np.append(self.posterior_variance[1], betas[1:]) if len(betas) > 1 else betas
+        self.fixed_large_log_variance = np.log(self.fixed_large_variance)
+        self.recip_posterior_mean_coef1 = 1.0 / self.posterior_mean_coef1
+        self.posterior_mean_coef_ratio = self.posterior_mean_coef2 / self.posterior_mean_coef1
+        self._device_tables: dict = {}
+
+    def _extract(self, name: str, timesteps: torch.Tensor, broadcast_shape) -> torch.Tensor:
+        """The float64 table self.<name> gathered at timesteps, cast to float32 and broadcast to
+        (N, *broadcast_shape[1:]). Each table is copied to a device once, so a sampling step makes
+        no host-to-device copies (the official code converted the numpy array on every call)."""
+        key = (name, timesteps.device)
+        table = self._device_tables.get(key)
+        if table is None:
+            table = self._device_tables[key] = torch.from_numpy(getattr(self, name)).to(timesteps.device)
+        res = table[timesteps].float()
+        return res.reshape(res.shape + (1,) * (len(broadcast_shape) - res.ndim)).expand(broadcast_shape)
+
     # ---- the forward process -------------------------------------------------------------------
 
     def q_mean_variance(self, x_start: torch.Tensor, t: torch.Tensor):
         """Mean, variance and log-variance of q(x_t | x_0)."""
-        mean = _extract_into_tensor(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
-        variance = _extract_into_tensor(1.0 - self.alphas_cumprod, t, x_start.shape)
-        log_variance = _extract_into_tensor(self.log_one_minus_alphas_cumprod, t, x_start.shape)
+        mean = self._extract("sqrt_alphas_cumprod", t, x_start.shape) * x_start
+        variance = self._extract("one_minus_alphas_cumprod", t, x_start.shape)
+        log_variance = self._extract("log_one_minus_alphas_cumprod", t, x_start.shape)
         return mean, variance, log_variance
 
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -131,15 +144,15 @@ class GaussianDiffusion:
             noise = torch.randn_like(x_start)
         if noise.shape != x_start.shape:
             raise ValueError(f"noise shape {tuple(noise.shape)} differs from x_start shape {tuple(x_start.shape)}")
-        return (_extract_into_tensor(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
-                + _extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise)
+        return (self._extract("sqrt_alphas_cumprod", t, x_start.shape) * x_start
+                + self._extract("sqrt_one_minus_alphas_cumprod", t, x_start.shape) * noise)
 
     def q_posterior_mean_variance(self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
         """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
-        posterior_mean = (_extract_into_tensor(self.posterior_mean_coef1, t, x_t.shape) * x_start
-                          + _extract_into_tensor(self.posterior_mean_coef2, t, x_t.shape) * x_t)
-        posterior_variance = _extract_into_tensor(self.posterior_variance, t, x_t.shape)
-        posterior_log_variance_clipped = _extract_into_tensor(self.posterior_log_variance_clipped, t, x_t.shape)
+        posterior_mean = (self._extract("posterior_mean_coef1", t, x_t.shape) * x_start
+                          + self._extract("posterior_mean_coef2", t, x_t.shape) * x_t)
+        posterior_variance = self._extract("posterior_variance", t, x_t.shape)
+        posterior_log_variance_clipped = self._extract("posterior_log_variance_clipped", t, x_t.shape)
         return posterior_mean, posterior_variance, posterior_log_variance_clipped
 
     # ---- the reverse process -------------------------------------------------------------------
@@ -162,20 +175,18 @@ class GaussianDiffusion:
             if self.model_var_type == ModelVarType.LEARNED:
                 model_log_variance = model_var_values
             else:
-                min_log = _extract_into_tensor(self.posterior_log_variance_clipped, t, x.shape)
-                max_log = _extract_into_tensor(np.log(self.betas), t, x.shape)
+                min_log = self._extract("posterior_log_variance_clipped", t, x.shape)
+                max_log = self._extract("log_betas", t, x.shape)
                 frac = (model_var_values + 1) / 2  # the model outputs v in [-1, 1]
                 model_log_variance = frac * max_log + (1 - frac) * min_log
             model_variance = torch.exp(model_log_variance)
         else:
             if self.model_var_type == ModelVarType.FIXED_LARGE:
-                # beta_t, but beta-tilde_1 at t=0 for a better decoder log-likelihood
-                variance = np.append(self.posterior_variance[1], self.betas[1:])
-                log_variance = np.log(variance)
+                variance, log_variance = "fixed_large_variance", "fixed_large_log_variance"
             else:
-                variance, log_variance = self.posterior_variance, self.posterior_log_variance_clipped
-            model_variance = _extract_into_tensor(variance, t, x.shape)
-            model_log_variance = _extract_into_tensor(log_variance, t, x.shape)
+                variance, log_variance = "posterior_variance", "posterior_log_variance_clipped"
+            model_variance = self._extract(variance, t, x.shape)
+            model_log_variance = self._extract(log_variance, t, x.shape)
 
         def process_xstart(x_start):
             if denoised_fn is not None:
@@ -193,17 +204,17 @@ class GaussianDiffusion:
                 "pred_xstart": pred_xstart, "extra": extra}
 
     def _predict_xstart_from_eps(self, x_t, t, eps):
-        return (_extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
-                - _extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps)
+        return (self._extract("sqrt_recip_alphas_cumprod", t, x_t.shape) * x_t
+                - self._extract("sqrt_recipm1_alphas_cumprod", t, x_t.shape) * eps)
 
     def _predict_xstart_from_xprev(self, x_t, t, xprev):
         # invert the posterior mean: x_prev = coef1 * x_0 + coef2 * x_t
-        return (_extract_into_tensor(1.0 / self.posterior_mean_coef1, t, x_t.shape) * xprev
-                - _extract_into_tensor(self.posterior_mean_coef2 / self.posterior_mean_coef1, t, x_t.shape) * x_t)
+        return (self._extract("recip_posterior_mean_coef1", t, x_t.shape) * xprev
+                - self._extract("posterior_mean_coef_ratio", t, x_t.shape) * x_t)
 
     def _predict_eps_from_xstart(self, x_t, t, pred_xstart):
-        return ((_extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - pred_xstart)
-                / _extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape))
+        return ((self._extract("sqrt_recip_alphas_cumprod", t, x_t.shape) * x_t - pred_xstart)
+                / self._extract("sqrt_recipm1_alphas_cumprod", t, x_t.shape))
 
     def condition_mean(self, cond_fn, p_mean_var, x, t, model_kwargs=None):
         """Shift the mean by variance * grad log p(y|x) (Sohl-Dickstein et al.; ADM's classifier guidance)."""
@@ -212,7 +223,7 @@ class GaussianDiffusion:
 
     def condition_score(self, cond_fn, p_mean_var, x, t, model_kwargs=None):
         """Guide through the score instead (Song et al.), as DDIM needs: eps -= sqrt(1-abar) * grad."""
-        alpha_bar = _extract_into_tensor(self.alphas_cumprod, t, x.shape)
+        alpha_bar = self._extract("alphas_cumprod", t, x.shape)
         eps = self._predict_eps_from_xstart(x, t, p_mean_var["pred_xstart"])
         eps = eps - (1 - alpha_bar).sqrt() * cond_fn(x, t, **(model_kwargs or {}))
         out = dict(p_mean_var)
@@ -255,8 +266,8 @@ class GaussianDiffusion:
             out = self.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
         # Recompute eps from the (maybe clipped) x_0 so the two stay consistent.
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
-        alpha_bar = _extract_into_tensor(self.alphas_cumprod, t, x.shape)
-        alpha_bar_prev = _extract_into_tensor(self.alphas_cumprod_prev, t, x.shape)
+        alpha_bar = self._extract("alphas_cumprod", t, x.shape)
+        alpha_bar_prev = self._extract("alphas_cumprod_prev", t, x.shape)
         sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
         noise = torch.randn_like(x)
         mean_pred = out["pred_xstart"] * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps
@@ -272,7 +283,7 @@ class GaussianDiffusion:
         if cond_fn is not None:
             out = self.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
-        alpha_bar_next = _extract_into_tensor(self.alphas_cumprod_next, t, x.shape)
+        alpha_bar_next = self._extract("alphas_cumprod_next", t, x.shape)
         mean_pred = out["pred_xstart"] * torch.sqrt(alpha_bar_next) + torch.sqrt(1 - alpha_bar_next) * eps
         return {"sample": mean_pred, "pred_xstart": out["pred_xstart"]}
 

@@ -162,15 +162,19 @@ def test_sample_grid_and_sigterm_checkpoint(tmp_path, image_folder_path):
     assert Image.open(grid).size == (2 * 16 + 3 * 2, 2 * 16 + 3 * 2)  # 2x2 grid, torchvision's 2px padding
 
 
-def test_non_finite_loss_names_the_step_and_keeps_weights(tmp_path, image_folder_path):
-    result = run_script("train.py", "--data-path", image_folder_path, "--results-dir", tmp_path / "results",
-                        "--global-batch-size", "4", "--max-steps", "20", "--lr", "1e30", "--ckpt-every", "100",
-                        *PIXEL, check=False)
-    assert result.returncode != 0
-    assert "loss became non-finite at step" in result.stderr
-    checkpoints = list((only_experiment(tmp_path / "results") / "checkpoints").iterdir())
-    assert len(checkpoints) == 1
-    assert all(torch.isfinite(v).all() for v in load(checkpoints[0])["model"].values())
+def test_non_finite_loss_names_the_step_and_keeps_the_last_checkpoint(tmp_path, image_folder_path):
+    common = ["--data-path", image_folder_path, "--global-batch-size", "4", "--max-steps", "40", "--lr", "1e30", *PIXEL]
+    result = run_script("train.py", *common, "--results-dir", tmp_path / "results", "--ckpt-every", "1", check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    bad_step = int(result.stderr.split("loss became non-finite at step ")[1].split()[0])
+    checkpoints = sorted((only_experiment(tmp_path / "results") / "checkpoints").iterdir())
+    assert [p.name for p in checkpoints] == [f"{s:07d}.pt" for s in range(1, bad_step)]  # checked at every save
+    assert f"the last checkpoint, {checkpoints[-1]}, is intact" in result.stderr
+    assert all(torch.isfinite(v).all() for v in load(checkpoints[-1])["model"].values())
+    # Without checkpoints, the check runs every 10 steps and says nothing was saved.
+    result = run_script("train.py", *common, "--results-dir", tmp_path / "none", "--ckpt-every", "100", check=False)
+    assert f"(seen at step 10;" in result.stderr and "no checkpoint was written" in result.stderr
+    assert not any((tmp_path / "none").rglob("*.pt"))
 
 
 @pytest.mark.parametrize("case,message", [
