@@ -1,9 +1,10 @@
 # Everything runs inside a local virtualenv that the first target to need it creates.
 PYTHON ?= python3
+SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test table demo clean
+.PHONY: setup test table demo bench clean
 
 setup: $(VENV)/.installed
 
@@ -26,6 +27,12 @@ demo: $(VENV)/.demo-installed
 
 table: setup
 	$(PY) bench/model_table.py
+
+# The CPU benchmark set (about 15 minutes on 2 cores); the tables also land in results/bench.md.
+bench: setup
+	mkdir -p results
+	set -o pipefail; ( $(PY) bench/peak.py && echo && $(PY) bench/model_speed.py && echo && $(PY) bench/switches.py && echo \
+	  && $(PY) bench/train_e2e.py && echo && $(PY) bench/sample_speed.py ) | tee results/bench.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache

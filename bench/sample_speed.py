@@ -1,56 +1,64 @@
-"""Seconds per image of class-conditional sampling, the way sample.py does it, on this machine.
+"""Seconds per image of class-conditional sampling with classifier-free guidance, eager vs compiled.
 
-    python bench/sample_speed.py [--model DiT-S/2] [--images 8] [--steps 250] [--cfg-scale 4.0] [--device cpu]
+    python bench/sample_speed.py [--model DiT-S/2] [--images 8] [--measured-steps 5] [--repeats 3] [--smoke]
 
-A 256px-equivalent latent (4 x 32 x 32) through ancestral sampling with classifier-free guidance
-(so each step runs the network on 2 x images); random weights cost what trained ones do. The VAE
-decode is not included (the SD VAE cannot be fetched offline).
+A 256px-equivalent latent (4 x 32 x 32), the 8 images sample.py draws by default, guided (so the
+network runs on 16 latents per step). Every step of a sampler costs the same, so each row times a
+few steps of the respaced loop and scales to a full 250-step ancestral (DDPM) or 50-step DDIM run.
+"compiled" is torch.compile of forward_with_cfg (inductor). The VAE decode is not included (the SD
+VAE cannot be fetched offline); random weights cost what trained ones do.
 """
 import argparse
-import sys
-import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import guided_batch, resolve_device, run_sampler, sampling_diffusion  # noqa: E402
-from models import DiT_models  # noqa: E402
+from harness import machine, markdown, random_weights, spread, timed
+
+from common import guided_batch, run_sampler, sampling_diffusion
+from models import DiT_models
+
+RUNS = [("ddpm", 250), ("ddim", 50)]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model", default="DiT-S/2")
-    parser.add_argument("--images", type=int, default=8, help="sample.py's default: the 8 official labels")
-    parser.add_argument("--steps", type=int, default=250)
+    parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--cfg-scale", type=float, default=4.0)
-    parser.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
-    parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    parser.add_argument("--measured-steps", type=int, default=5, help="sampling steps per timed run")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--smoke", action="store_true", help="a tiny model, one repeat: checks the script runs")
     args = parser.parse_args()
+    device = torch.device(args.device)
+    input_size = 32
+    if args.smoke:
+        args.model, args.images, args.measured_steps, args.repeats, input_size = "DiT-Nano/4", 2, 2, 1, 8
 
-    device = resolve_device(args.device)
     torch.manual_seed(0)
-    model = DiT_models[args.model](input_size=32).to(device).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)  # zero-initialised layers would let some kernels skip work
-    noise = torch.randn(args.images, 4, 32, 32, device=device)
+    model = random_weights(DiT_models[args.model](input_size=input_size)).to(device).eval()
+    noise = torch.randn(args.images, 4, input_size, input_size, device=device)
     labels = torch.arange(args.images, device=device) % 1000
     x, model_fn, model_kwargs = guided_batch(noise, labels, 1000, args.cfg_scale, model)
-    with torch.no_grad():
-        run_sampler(sampling_diffusion(args.sampler, 2), args.sampler, model_fn, x, model_kwargs)  # warm-up
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        run_sampler(sampling_diffusion(args.sampler, args.steps), args.sampler, model_fn, x, model_kwargs)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
+    compiled_fn = torch.compile(model_fn)
 
-    print(f"| model | device | images | network batch | steps | cfg | total s | s/step | s/image |")
-    print(f"|---|---|---:|---:|---:|---:|---:|---:|---:|")
-    print(f"| {args.model} | {device.type} ({torch.get_num_threads()} threads) | {args.images} | {x.shape[0]} | "
-          f"{args.steps} | {args.cfg_scale} | {seconds:.1f} | {seconds / args.steps:.3f} | {seconds / args.images:.2f} |")
+    rows, eager_step = [], {}
+    for sampler, steps in RUNS:
+        # The first measured_steps steps of the full schedule's stride: the same work per step.
+        diffusion = sampling_diffusion(sampler, args.measured_steps)
+        for mode, fn in (("eager", model_fn), ("compiled", compiled_fn)):
+            with torch.no_grad():
+                result = timed(lambda: run_sampler(diffusion, sampler, fn, x, model_kwargs), device, args.repeats,
+                               warmup=1)
+            per_step = {k: v / args.measured_steps for k, v in result.items() if k != "runs"}
+            eager_step.setdefault(sampler, per_step["median"])
+            per_image = steps / args.images
+            rows.append([sampler, steps, mode, spread(per_step), spread(per_step, per_image, 2),
+                         f"{eager_step[sampler] / per_step['median']:.2f}x"])
+    print(f"Guided sampling of {args.model}, {args.images} images (network batch {x.shape[0]}), cfg {args.cfg_scale}, "
+          f"{8 * input_size}px-equivalent latents; median (min-max) of {args.repeats} runs of "
+          f"{args.measured_steps} steps; {machine(device)}\n")
+    print(markdown(["sampler", "steps", "mode", "s/step", "s/image (full run)", "speed vs eager"], rows, left=1))
 
 
 if __name__ == "__main__":

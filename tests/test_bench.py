@@ -1,0 +1,18 @@
+"""Every bench script in its tiny --smoke mode, so none of them can rot (real figures: make bench)."""
+import pytest
+
+from conftest import run_script
+
+
+@pytest.mark.parametrize("script, heading", [
+    ("bench/peak.py", "| shape | dtype | GFLOP/s | vs fp32 |"),
+    ("bench/model_speed.py", "| model | pass | batch | seconds | images/s | GFLOP/s | of peak |"),
+    ("bench/switches.py", "| switch | step seconds | speed vs eager fp32 | step memory MB | memory vs eager fp32 |"),
+    ("bench/train_e2e.py", "| input | images/s | vs on-the-fly VAE |"),
+    ("bench/sample_speed.py", "| sampler | steps | mode | s/step | s/image (full run) | speed vs eager |"),
+])
+def test_bench_script_smoke(script, heading):
+    result = run_script(script, "--smoke", timeout=900)
+    assert heading in result.stdout
+    table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert len(table) >= 3 and all("nan" not in line for line in table)
