@@ -321,8 +321,9 @@ class GaussianDiffusion:
         if progress:
             from tqdm.auto import tqdm
             indices = tqdm(indices)
+        steps = torch.arange(self.num_timesteps, device=device)  # made once: no host-to-device copy per step
         for i in indices:
-            t = torch.tensor([i] * shape[0], device=device)
+            t = steps[i].repeat(shape[0])
             with torch.no_grad():
                 out = step(model, img, t, **step_kwargs)
                 yield out
