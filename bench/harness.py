@@ -58,19 +58,21 @@ def peak_memory_mb(device: torch.device) -> float:
     """Peak since reset_peak_memory: max_memory_allocated on CUDA, peak RSS (VmHWM) on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no /proc/self/status: peak memory needs Linux on CPU")
+    return process_status_mb("VmHWM")
 
 
 def current_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device) / 2**20
+    return process_status_mb("VmRSS")
+
+
+def process_status_mb(field: str) -> float:
+    """A memory field of /proc/self/status (Linux), in MB."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError("no /proc/self/status: memory needs Linux on CPU")
+    raise RuntimeError(f"no {field} in /proc/self/status: CPU memory figures need Linux")
 
 
 def machine(device: torch.device) -> str:
