@@ -84,14 +84,19 @@ def test_resume_is_bit_identical_across_ranks_epochs_and_vae(tmp_path, image_fol
 
 
 def test_resume_from_a_path_continues_that_experiment(tmp_path, image_folder_path):
-    args = ["--data-path", image_folder_path, "--results-dir", tmp_path / "results", "--global-batch-size", "8",
-            "--log-every", "1", "--ckpt-every", "100", *PIXEL]
-    run_script("train.py", *args, "--max-steps", "2", "--resume", "auto")  # nothing to resume: a fresh start
+    # Two persistent data-loader workers, 2 steps per epoch: the resumed run crosses epochs as the
+    # straight one does and ends with the same weights.
+    args = ["--data-path", image_folder_path, "--global-batch-size", "8", "--log-every", "1", "--ckpt-every", "100",
+            *PIXEL, "--num-workers", "2"]
+    run_script("train.py", *args, "--results-dir", tmp_path / "straight", "--max-steps", "5")
+    results = ["--results-dir", tmp_path / "results"]
+    run_script("train.py", *args, *results, "--max-steps", "3", "--resume", "auto")  # nothing to resume: a fresh start
     experiment = only_experiment(tmp_path / "results")
-    run_script("train.py", *args, "--max-steps", "4", "--resume", experiment / "checkpoints" / "0000002.pt")
+    run_script("train.py", *args, *results, "--max-steps", "5", "--resume", experiment / "checkpoints" / "0000003.pt")
     assert only_experiment(tmp_path / "results") == experiment
-    assert [r["step"] for r in metrics(experiment)] == [1, 2, 3, 4]
-    assert (experiment / "checkpoints" / "0000004.pt").is_file()
+    assert [r["step"] for r in metrics(experiment)] == [1, 2, 3, 4, 5]
+    assert_same_state(load(experiment / "checkpoints" / "0000005.pt"),
+                      load(only_experiment(tmp_path / "straight") / "checkpoints" / "0000005.pt"))
 
 
 def test_extracted_latents_give_the_same_losses_as_on_the_fly_encoding(tmp_path, image_folder_path, tiny_vae_path):
