@@ -47,7 +47,7 @@ def worker(args: argparse.Namespace) -> dict:
             reset_peak_memory(device)
             step()
             return {"memory_mb": peak_memory_mb(device) - resting, "resting_mb": resting}
-        return {"time": timed(step, device, args.repeats, warmup=1)}
+        return {"time": timed(step, device, args.repeats, warmup=0)}
 
 
 def run_worker(args: argparse.Namespace, switch: str, mode: str, model: str, batch_size: int) -> dict:

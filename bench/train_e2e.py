@@ -1,6 +1,6 @@
 """train.py end to end: images/s with the VAE encoding every batch vs pre-extracted latents.
 
-    python bench/train_e2e.py [--model DiT-S/2] [--image-size 128] [--images 512] [--steps 40] [--smoke]
+    python bench/train_e2e.py [--model DiT-S/2] [--image-size 128] [--images 256] [--steps 40] [--smoke]
 
 Everything train.py does per step is in the figure: PNG decoding and cropping (one process, no
 workers: this machine has 2 cores), flips, the VAE encoder (on the fly) or reading the stored
@@ -76,7 +76,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="DiT-S/2")
     parser.add_argument("--image-size", type=int, default=128)
-    parser.add_argument("--images", type=int, default=512)
+    parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--log-every", type=int, default=8)
