@@ -26,15 +26,6 @@ from mnist import (accuracy, add_recipe_flags, as_model_input, fid_network, fid_
 from models import BLOCK_DESIGNS  # noqa: E402
 
 
-def smoothed(values: list[float], weight: float = 0.9) -> list[float]:
-    """Exponential moving average, for readable loss curves."""
-    out, running = [], values[0]
-    for value in values:
-        running = weight * running + (1 - weight) * value
-        out.append(running)
-    return out
-
-
 def plot_losses(curves: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -42,9 +33,9 @@ def plot_losses(curves: dict, path: Path) -> None:
 
     figure, axis = plt.subplots(figsize=(7, 4.2), dpi=120)
     for design, (steps, losses) in curves.items():
-        axis.plot(steps, smoothed(losses), label=design, linewidth=1.5)
+        axis.plot(steps, losses, label=design, linewidth=1.3)
     axis.set_xlabel("training step")
-    axis.set_ylabel("training loss (EMA-smoothed)")
+    axis.set_ylabel("training loss (mean of each logged interval)")
     axis.set_yscale("log")
     axis.grid(alpha=0.3, which="both")
     axis.legend()
