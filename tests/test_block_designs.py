@@ -161,3 +161,15 @@ def test_ablation_script_smoke(tmp_path):
     assert (out / "ablation.md").read_text().count("\n") == 2 + 2 + 1
     assert Image.open(out / "loss_curves.png").size == (840, 504)
     assert "table, JSON and loss curves" in result.stdout
+
+
+def test_design_table_and_diffusers_export_guard():
+    from bench.model_table import design_table
+    from diffusers_interop import transformer_config
+
+    header, rows = design_table(names=("DiT-S/2",))
+    assert [row[1] for row in rows] == list(BLOCK_DESIGNS) and header[3] == "Gflops 256px"
+    assert rows[2][4] == "+15.0%"  # cross-attention's extra cost at S/2
+    for block in BLOCK_DESIGNS[1:]:
+        with pytest.raises(ValueError, match=f"the adaLN-Zero design; this model is {block}"):
+            transformer_config(DiT(**TINY, block=block))
