@@ -15,7 +15,6 @@ timestep embedding (see README for the measured gap).
 import argparse
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from models import DiT, get_2d_sincos_pos_embed

@@ -178,7 +178,7 @@ def test_non_finite_loss_names_the_step_and_keeps_the_last_checkpoint(tmp_path, 
     assert all(torch.isfinite(v).all() for v in load(checkpoints[-1])["model"].values())
     # Without checkpoints, the check runs every 10 steps and says nothing was saved.
     result = run_script("train.py", *common, "--results-dir", tmp_path / "none", "--ckpt-every", "100", check=False)
-    assert f"(seen at step 10;" in result.stderr and "no checkpoint was written" in result.stderr
+    assert "(seen at step 10;" in result.stderr and "no checkpoint was written" in result.stderr
     assert not any((tmp_path / "none").rglob("*.pt"))
 
 
