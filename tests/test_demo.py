@@ -21,3 +21,22 @@ def test_demo_pipeline_runs_and_its_judge_is_trustworthy(tmp_path):
     assert sorted(p.name for p in (out / "mnist").iterdir() if p.is_dir()) == [str(d) for d in range(10)]
     assert Image.open(out / "samples.png").size == (10 * 16 + 11 * 2, 2 * 16 + 3 * 2)
     assert f"sample grid (one digit class per column, 0-9): {out / 'samples.png'}" in result.stdout
+
+
+def test_fid_reference_is_cached_and_read_back(tmp_path):
+    import sys
+
+    import numpy as np
+    import torch
+
+    from conftest import ROOT, fid_network_path
+    from evaluate import InceptionNetwork
+    sys.path.insert(0, str(ROOT / "demo"))
+    from mnist import fid_reference
+
+    network = InceptionNetwork(str(fid_network_path()))
+    real = np.random.default_rng(0).integers(0, 256, (12, 16, 16), dtype=np.uint8)
+    first = fid_reference(network, real, torch.arange(10), tmp_path)
+    assert (tmp_path / "fid_reference_16px_10.npz").is_file()
+    again = fid_reference(network, real, torch.arange(10), tmp_path)
+    assert np.array_equal(again["mu"], first["mu"]) and np.array_equal(again["pool3"], first["pool3"])
