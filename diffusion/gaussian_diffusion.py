@@ -60,6 +60,12 @@ def betas_for_alpha_bar(num_diffusion_timesteps: int, alpha_bar: Callable[[float
     return np.array([min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), max_beta) for i in range(n)], dtype=np.float64)
 
 
+def full_precision(output: torch.Tensor) -> torch.Tensor:
+    """A model output computed under autocast (bf16/fp16) cast up to float32, so the diffusion's
+    own arithmetic (variance interpolation, KL, likelihood, MSE) never runs in half precision."""
+    return output.float() if output.dtype in (torch.float16, torch.bfloat16) else output
+
+
 def _infer_device(model, noise: Optional[torch.Tensor]) -> torch.device:
     """Where to sample when no device is given: the noise's, else the model's parameters'."""
     if noise is not None:
@@ -166,6 +172,7 @@ class GaussianDiffusion:
         extra = None
         if isinstance(model_output, tuple):
             model_output, extra = model_output
+        model_output = full_precision(model_output)
 
         if self.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE):
             if model_output.shape[1] != 2 * channels:
@@ -357,7 +364,7 @@ class GaussianDiffusion:
                 terms["loss"] = terms["loss"] * self.num_timesteps
             return terms
 
-        model_output = model(x_t, t, **model_kwargs)
+        model_output = full_precision(model(x_t, t, **model_kwargs))
         if self.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE):
             batch, channels = x_t.shape[:2]
             expected = (batch, channels * 2, *x_t.shape[2:])

@@ -14,7 +14,8 @@ def space_timesteps(num_timesteps: int, section_counts: Union[str, Iterable[int]
     cut into that many equal sections and each section keeps that many evenly strided steps, its
     first and last included; e.g. (10, 15, 20) on 300 steps keeps 10 of steps 0-99, 15 of 100-199
     and 20 of 200-299. Or "ddimN": the integer stride that gives exactly N steps counting from 0,
-    as in the DDIM paper.
+    as in the DDIM paper (the official code tries strides up to num_timesteps - 1, so it refuses
+    "ddim1"; here the stride num_timesteps is allowed too, keeping step 0 alone).
     """
     if isinstance(section_counts, str):
         if section_counts.startswith("ddim"):
@@ -38,7 +39,12 @@ def space_timesteps(num_timesteps: int, section_counts: Union[str, Iterable[int]
             raise ValueError(f"cannot keep {section_count} steps from a section of {size} "
                              f"(respacing {section_counts} of {num_timesteps} steps)")
         frac_stride = 1 if section_count <= 1 else (size - 1) / (section_count - 1)
-        kept += [start_idx + round(j * frac_stride) for j in range(section_count)]
+        # A float running sum, as the official code keeps it: round(j * frac_stride) would round
+        # differently wherever the sum's error lands near .5 (278 of the 1000 one-section counts).
+        cur_idx = 0.0
+        for _ in range(section_count):
+            kept.append(start_idx + round(cur_idx))
+            cur_idx += frac_stride
         start_idx += size
     return set(kept)
 

@@ -9,30 +9,70 @@ from diffusion import create_diffusion, space_timesteps
 from diffusion import gaussian_diffusion as gd
 from diffusion.diffusion_utils import discretized_gaussian_log_likelihood, normal_kl
 from diffusion.timestep_sampler import LossSecondMomentResampler, UniformSampler, create_named_schedule_sampler
+import official_reference as official
 
 
 # ---- respacing ---------------------------------------------------------------------------------
 
-def test_plain_count_keeps_first_and_last_step():
-    steps = space_timesteps(1000, "250")
-    assert len(steps) == 250 and 0 in steps and 999 in steps
+def test_every_single_section_count_keeps_the_official_steps():
+    # The official rule (float running sum) against ours for all 1000 counts; round(j * stride)
+    # would differ on 278 of them.
+    rounded = lambda count: {round(j * (999 / (count - 1) if count > 1 else 1)) for j in range(count)}
+    differs_from_rounding = 0
+    for count in range(1, 1001):
+        kept = space_timesteps(1000, str(count))
+        assert kept == official.space_timesteps(1000, str(count)), count
+        differs_from_rounding += kept != rounded(count)
+    assert differs_from_rounding == 278
 
 
-def test_ddim_uses_integer_stride():
-    assert space_timesteps(1000, "ddim25") == set(range(0, 1000, 40))
-    assert space_timesteps(1000, "ddim1") == {0}
-    assert space_timesteps(1000, "ddim7") == set(range(0, 1000, 143))  # ceil(1000/143) == 7
+# Kept steps that a per-step round(j * stride) gets wrong, written out: 499 where it keeps 500.
+OFFICIAL_STEPS = {
+    "21": [0, 50, 100, 150, 200, 250, 300, 350, 400, 450, 499, 549, 599, 649, 699, 749, 799, 849, 899, 949, 999],
+    "35": [0, 29, 59, 88, 118, 147, 176, 206, 235, 264, 294, 323, 353, 382, 411, 441, 470, 499, 529, 558, 588,
+           617, 646, 676, 705, 735, 764, 793, 823, 852, 881, 911, 940, 970, 999],
+}
 
 
-def test_section_lists():
+@pytest.mark.parametrize("spec", ["21", "35", "23", "31", "39", "43", "45", "59", "250", "100", "50", "25", "10"])
+def test_known_counts(spec):
+    kept = sorted(space_timesteps(1000, spec))
+    assert kept == sorted(official.space_timesteps(1000, spec))
+    if spec in OFFICIAL_STEPS:
+        assert kept == OFFICIAL_STEPS[spec]
+    assert len(kept) == int(spec) and kept[0] == 0 and kept[-1] == 999
+
+
+@pytest.mark.parametrize("steps,spec", [(300, "10,15,20"), (1000, "10,15,20"), (1000, "7,13"), (1000, "1,1,1"),
+                                        (999, "100,50,25"), (4000, "33,66,99,250")])
+def test_multi_section_specs(steps, spec):
+    assert space_timesteps(steps, spec) == official.space_timesteps(steps, spec)
+    assert space_timesteps(steps, [int(c) for c in spec.split(",")]) == official.space_timesteps(steps, spec)
+
+
+def test_section_lists_of_300_steps():
     steps = sorted(space_timesteps(300, "10,15,20"))
-    assert len(steps) == 45
-    first, second, third = steps[:10], steps[10:25], steps[25:]
-    assert first[0] == 0 and first[-1] == 99 and all(s < 100 for s in first)
-    assert second[0] == 100 and second[-1] == 199
-    assert third[0] == 200 and third[-1] == 299
-    assert space_timesteps(300, [10, 15, 20]) == set(steps)
+    assert steps == [0, 11, 22, 33, 44, 55, 66, 77, 88, 99, 100, 107, 114, 121, 128, 135, 142, 149, 157, 164, 171,
+                     178, 185, 192, 199, 200, 205, 210, 216, 221, 226, 231, 236, 242, 247, 252, 257, 263, 268, 273,
+                     278, 283, 289, 294, 299]
     assert space_timesteps(10, "10") == set(range(10))
+
+
+def test_ddim_uses_the_official_integer_stride():
+    for count in range(2, 1001):
+        try:
+            expected = official.space_timesteps(1000, f"ddim{count}")
+        except ValueError:
+            with pytest.raises(ValueError, match=f"no integer stride gives exactly {count}"):
+                space_timesteps(1000, f"ddim{count}")
+            continue
+        assert space_timesteps(1000, f"ddim{count}") == expected, count
+    assert space_timesteps(1000, "ddim25") == set(range(0, 1000, 40))
+    assert space_timesteps(1000, "ddim7") == set(range(0, 1000, 143))  # ceil(1000/143) == 7
+    # Beyond the official: "ddim1" (stride 1000) keeps step 0; the official code refuses it.
+    assert space_timesteps(1000, "ddim1") == {0}
+    with pytest.raises(ValueError):
+        official.space_timesteps(1000, "ddim1")
 
 
 @pytest.mark.parametrize("spec,message", [
@@ -274,3 +314,33 @@ def test_loss_second_moment_sampler():
     assert (t == 3).float().mean().item() == pytest.approx(p[3], abs=0.02)
     with pytest.raises(ValueError, match="unknown schedule sampler"):
         create_named_schedule_sampler("importance", create_diffusion("4"))
+
+
+# ---- mixed precision -----------------------------------------------------------------------------
+
+def test_autocast_losses_differ_from_fp32_only_by_the_model_outputs_rounding():
+    """Under bf16 autocast the model output is bf16; the diffusion's arithmetic must still be fp32."""
+    from models import DiT
+    torch.manual_seed(0)
+    model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+    diffusion = create_diffusion("")
+    x0, noise = torch.randn(6, 4, 8, 8), torch.randn(6, 4, 8, 8)
+    t, y = torch.tensor([0, 1, 10, 200, 600, 999]), torch.arange(6)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16_output = model(diffusion.q_sample(x0, t, noise), t, y)
+        autocast_losses = diffusion.training_losses(model, x0, t, dict(y=y), noise=noise)
+        autocast_pmv = diffusion.p_mean_variance(model, diffusion.q_sample(x0, t, noise), t, model_kwargs=dict(y=y))
+    assert bf16_output.dtype == torch.bfloat16
+    # The same rounded output, with all arithmetic after it in fp32, outside autocast:
+    cast_up = lambda x, tt, **kwargs: bf16_output.float()
+    expected = diffusion.training_losses(cast_up, x0, t, noise=noise)
+    for name in ("loss", "mse", "vb"):
+        assert autocast_losses[name].dtype == torch.float32
+        torch.testing.assert_close(autocast_losses[name], expected[name], rtol=1e-6, atol=1e-7)
+    expected_pmv = diffusion.p_mean_variance(cast_up, diffusion.q_sample(x0, t, noise), t)
+    for name in ("mean", "log_variance", "pred_xstart"):
+        torch.testing.assert_close(autocast_pmv[name], expected_pmv[name], rtol=1e-6, atol=1e-7)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+import official_reference as official
 from diffusion import create_diffusion
 from models import DiT
 
@@ -128,3 +129,41 @@ def test_seeded_p_sample_loop():
             torch.manual_seed(seed)
             sample = diffusion.p_sample_loop(toy_model, case["sample_shape"], clip_denoised=clip, device="cpu")
             close(sample, case[key], atol=SAMPLE_ATOL, rtol=SAMPLE_RTOL)
+
+
+# ---- beyond the recorded cases: the official algorithm, transcribed in official_reference.py -----
+
+def test_transcription_reproduces_the_recorded_official_samples():
+    """Anchor: the transcription gives the official implementation's own seeded samples."""
+    case = next(c for c in DIFFUSION_CASES if "p_sample_loop" in c)
+    for key, clip, seed in (("p_sample_loop", False, case["sample_seeds"][0]),
+                            ("p_sample_loop_clip", True, case["sample_seeds"][1])):
+        torch.manual_seed(seed)
+        sample = official.p_sample_loop(case["kwargs"]["timestep_respacing"], toy_model, case["sample_shape"],
+                                        clip_denoised=clip)
+        close(sample, case[key], atol=SAMPLE_ATOL, rtol=SAMPLE_RTOL)
+    schedule = official.Schedule(case["kwargs"]["timestep_respacing"])
+    assert schedule.timestep_map == list(case["timestep_map"])
+    close(schedule.betas, case["betas"])
+
+
+@pytest.mark.parametrize("respacing", ["35", "21", "59", "10,15,20", "ddim25", "ddim50", "100"])
+@pytest.mark.parametrize("clip", [False, True])
+def test_ancestral_sampling_equals_the_official_algorithm(respacing, clip):
+    shape = (2, 4, 8, 8)
+    torch.manual_seed(5)
+    expected = official.p_sample_loop(respacing, toy_model, shape, clip_denoised=clip)
+    torch.manual_seed(5)
+    actual = create_diffusion(respacing).p_sample_loop(toy_model, shape, clip_denoised=clip, device="cpu")
+    close(actual, expected, atol=SAMPLE_ATOL, rtol=SAMPLE_RTOL)
+
+
+@pytest.mark.parametrize("respacing", ["ddim25", "ddim50", "ddim10", "35", "250"])
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_sampling_equals_the_official_algorithm(respacing, eta):
+    shape = (2, 4, 8, 8)
+    torch.manual_seed(7)
+    expected = official.ddim_sample_loop(respacing, toy_model, shape, clip_denoised=False, eta=eta)
+    torch.manual_seed(7)
+    actual = create_diffusion(respacing).ddim_sample_loop(toy_model, shape, clip_denoised=False, device="cpu", eta=eta)
+    close(actual, expected, atol=SAMPLE_ATOL, rtol=SAMPLE_RTOL)
