@@ -16,7 +16,7 @@ import torch.distributed as dist
 from PIL import Image
 
 from diffusion import create_diffusion
-from download import DownloadError, find_model, load_state_dict
+from download import DownloadError, checkpoint_args, find_model, load_state_dict, read_checkpoint, weights_in
 from models import BLOCK_DESIGNS, DiT_models
 
 # The Stable Diffusion VAEs DiT was trained with, by their short names.
@@ -73,6 +73,12 @@ def distributed(device_choice: str) -> Iterator[tuple[int, int, torch.device]]:
         yield dist.get_rank(), dist.get_world_size(), device
     finally:
         dist.destroy_process_group()
+
+
+def forked_rng(device: torch.device):
+    """A context in which the global CPU generator (and the device's, on CUDA) can be drawn from
+    without the draws showing outside it: for building or running anything besides the trained DiT."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
 def require_positive(args: argparse.Namespace, *flags: str) -> None:
@@ -349,14 +355,10 @@ def block_design(state_dict: dict) -> str:
 OFFICIAL_DEFAULTS = {"model": "DiT-XL/2", "image_size": 256, "num_classes": 1000, "class_dropout_prob": 0.1}
 
 
-def resolve_model_args(args, default_vae: str) -> dict:
-    """Model flags not given on the command line come from a train.py checkpoint's args, else the
-    official defaults; pretrained weights exist only for DiT-XL/2, 256/512px, 1000 classes."""
-    saved = {}
-    if args.ckpt is not None and Path(args.ckpt).suffix == ".pt" and Path(args.ckpt).is_file():
-        checkpoint = torch.load(args.ckpt, map_location="cpu", weights_only=True)
-        if isinstance(checkpoint, dict) and isinstance(checkpoint.get("args"), dict):
-            saved = checkpoint["args"]
+def resolve_model_args(args, default_vae: str, saved: dict) -> dict:
+    """Model flags not given on the command line come from a train.py checkpoint's saved args
+    (ours or the official script's), else the official defaults; pretrained weights exist only for
+    DiT-XL/2, 256/512px, 1000 classes."""
     resolved = {key: getattr(args, key) if getattr(args, key, None) is not None else saved.get(key, default)
                 for key, default in OFFICIAL_DEFAULTS.items()}
     resolved["vae"] = args.vae if args.vae is not None else saved.get("vae", default_vae)
@@ -377,11 +379,18 @@ def build_model(config: dict, channels: int, latent_size: int, device: torch.dev
     return model.to(device)
 
 
-def load_model_for_sampling(args, device: torch.device, default_vae: str):
+def load_model_for_sampling(args, device: torch.device, default_vae: str, with_vae: bool = True):
     """(model in eval mode with its weights, VAE or None, resolved config), in the official order:
     the model is built (drawing its random init) and loaded before the VAE, so seeded runs match.
-    The weights are read first (that draws nothing), so a bare state dict names its block design."""
-    config = resolve_model_args(args, default_vae)
+    The weights are read first (that draws nothing), so a bare state dict names its block design.
+    with_vae=False sizes the model for the configured VAE without loading it."""
+    checkpoint = None
+    if args.ckpt is not None:
+        if not Path(args.ckpt).is_file():
+            raise ValueError(f"--ckpt {args.ckpt}: no such file")
+        if Path(args.ckpt).suffix != ".safetensors":
+            checkpoint = read_checkpoint(args.ckpt)  # read once: its args and its weights
+    config = resolve_model_args(args, default_vae, checkpoint_args(checkpoint))
     if config["vae"] == "none":
         channels, latent_size = 3, config["image_size"]
     elif config["image_size"] % 8:
@@ -389,12 +398,16 @@ def load_model_for_sampling(args, device: torch.device, default_vae: str):
     else:
         channels, latent_size = 4, config["image_size"] // 8  # checked against the VAE below
     ckpt = args.ckpt or f"DiT-XL-2-{config['image_size']}x{config['image_size']}.pt"
-    state_dict = find_model(ckpt) if args.ckpt is None else load_state_dict(Path(ckpt), args.weights)
+    if args.ckpt is None:
+        state_dict = find_model(ckpt)
+    else:
+        state_dict = load_state_dict(Path(ckpt)) if checkpoint is None else weights_in(checkpoint, ckpt, args.weights)
+        del checkpoint  # the optimizer state of a training checkpoint need not stay in memory
     config["block"] = config["block"] or block_design(state_dict)
     model = build_model(config, channels, latent_size, device)
     load_weights(model, state_dict, ckpt)
     model.eval()
-    vae = load_vae(config["vae"], device)
+    vae = load_vae(config["vae"], device) if with_vae else None
     if vae is not None and latent_shape(vae, config["image_size"]) != (channels, latent_size):
         raise ValueError(f"the VAE {config['vae']} gives latents {latent_shape(vae, config['image_size'])}, "
                          f"the model expects {(channels, latent_size)}")
@@ -413,9 +426,14 @@ def guided_batch(noise: torch.Tensor, labels: torch.Tensor, num_classes: int, cf
     return noise, model.forward, dict(y=labels)
 
 
-def sampling_diffusion(sampler: str, steps: int):
+def sampling_diffusion(sampler: str, steps: int, flag: str = "--num-sampling-steps"):
     """The respaced diffusion a sampler walks: evenly strided steps for ddpm, DDIM's stride for ddim."""
-    return create_diffusion(f"ddim{steps}" if sampler == "ddim" else str(steps))
+    if steps < 2:  # the learned variance at the last step is interpolated towards the second step's
+        raise ValueError(f"{flag} must be at least 2 for DiT's learned-variance sampling, got {steps}")
+    try:
+        return create_diffusion(f"ddim{steps}" if sampler == "ddim" else str(steps))
+    except ValueError as error:
+        raise ValueError(f"{flag} {steps}: {error}") from None
 
 
 def run_sampler(diffusion, sampler: str, model_fn, x: torch.Tensor, model_kwargs: dict, eta: float = 0.0,

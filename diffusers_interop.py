@@ -129,12 +129,11 @@ def main() -> None:
 def export_command(args: argparse.Namespace) -> None:
     from common import load_model_for_sampling
 
-    pipeline_vae = args.vae
-    args.vae = args.vae or "none"
-    model, vae, _ = load_model_for_sampling(args, torch.device("cpu"), default_vae="none")
+    # The VAE is loaded only for a pipeline; otherwise the checkpoint's (or the official) geometry is used.
+    model, vae, _ = load_model_for_sampling(args, torch.device("cpu"), default_vae="ema", with_vae=args.vae is not None)
     transformer = to_diffusers(model)
     out = Path(args.out)
-    if pipeline_vae is None:
+    if vae is None:
         transformer.save_pretrained(out)
     else:
         from diffusers import DDIMScheduler, DiTPipeline

@@ -4,8 +4,10 @@
 
 Set DIT_MODELS_URL to use a mirror of https://dl.fbaipublicfiles.com/DiT/models.
 """
+import argparse
 import http.client
 import os
+import pickle
 import sys
 import tempfile
 import urllib.error
@@ -26,8 +28,9 @@ class DownloadError(RuntimeError):
 
 
 def find_model(name_or_path: Union[str, Path], weights: str = "ema") -> dict:
-    """A DiT state dict: an official name (downloaded on first use), a train.py checkpoint (its `weights`
-    entry, "ema" by default, as the official code does), a bare state dict, or a .safetensors file."""
+    """A DiT state dict: an official name (downloaded on first use), a train.py checkpoint (ours or the
+    official script's: its `weights` entry, "ema" by default, as the official code does), a bare
+    state dict, or a .safetensors file."""
     if str(name_or_path) in PRETRAINED_MODELS:
         return load_state_dict(download_model(str(name_or_path)))
     path = Path(name_or_path)
@@ -38,20 +41,74 @@ def find_model(name_or_path: Union[str, Path], weights: str = "ema") -> dict:
 
 
 def load_state_dict(path: Path, weights: str = "ema") -> dict:
-    """Read a checkpoint safely (weights_only); unwrap train.py checkpoints."""
-    if weights not in ("ema", "model"):
-        raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
-    if path.suffix == ".safetensors":
+    """The DiT weights in a checkpoint file, read safely (see read_checkpoint)."""
+    if Path(path).suffix == ".safetensors":
         from safetensors.torch import load_file
         return load_file(path)
+    return weights_in(read_checkpoint(path), path, weights)
+
+
+# The official train.py saves its command line as an argparse.Namespace; no other class is unpickled.
+CHECKPOINT_GLOBALS = [argparse.Namespace]
+
+
+def read_checkpoint(path: Union[str, Path]):
+    """torch.load with weights_only=True, allowing argparse.Namespace and nothing else, so official
+    train.py checkpoints load while pickled code is never run. A file that needs any other global
+    is refused with a one-line error that names it and says how to convert a trusted file."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(CHECKPOINT_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        foreign = [name for name in unsafe_globals(path, error) if name != "argparse.Namespace"]
+        if not foreign:
+            raise ValueError(f"{path} is not a readable PyTorch checkpoint ({first_line(error)})") from None
+        raise ValueError(
+            f"{path} needs the Python global(s) {', '.join(foreign)} to load, which a checkpoint of weights does not; "
+            f"loading it would run code from the file, so it is refused. If you trust the file, convert it once: "
+            f"python -c \"import torch; c = torch.load('{path}', weights_only=False); "
+            f"c = c.state_dict() if hasattr(c, 'state_dict') else {{k: c[k] for k in ('model', 'ema') if k in c}}; "
+            f"torch.save(c, 'converted.pt')\"") from None
     except Exception as error:
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: {error})") from error
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: "
+                         f"{first_line(error)})") from None
+
+
+def unsafe_globals(path: Union[str, Path], error: Exception) -> list:
+    """The globals (module.name) a checkpoint would import, without unpickling it."""
+    try:
+        return torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a zip checkpoint: read the name from the unpickler's own message
+        marker = "Unsupported global: GLOBAL "
+        text = str(error)
+        return [text.split(marker, 1)[1].split()[0]] if marker in text else []
+
+
+def first_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+def checkpoint_args(checkpoint) -> dict:
+    """A train.py checkpoint's saved command line as a dict: ours store a dict, the official script
+    an argparse.Namespace; anything else (a bare state dict) has none."""
+    if not isinstance(checkpoint, dict):
+        return {}
+    args = checkpoint.get("args")
+    if isinstance(args, argparse.Namespace):
+        return vars(args)
+    return args if isinstance(args, dict) else {}
+
+
+def weights_in(checkpoint, path: Union[str, Path], weights: str = "ema") -> dict:
+    """The state dict a loaded checkpoint holds: train.py checkpoints (ours and the official
+    script's, recognised by their "ema" entry as the official find_model does) give `weights`."""
+    if weights not in ("ema", "model"):
+        raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a state dict or a train.py checkpoint")
-    if "model" in checkpoint and isinstance(checkpoint["model"], dict):  # a train.py checkpoint
-        if weights not in checkpoint:
+    if isinstance(checkpoint.get("ema"), dict) or isinstance(checkpoint.get("model"), dict):  # a train.py checkpoint
+        if not isinstance(checkpoint.get(weights), dict):
             raise ValueError(f"{path} is a training checkpoint without {weights!r} weights")
         return checkpoint[weights]
     return checkpoint

@@ -17,6 +17,9 @@ OFFICIAL_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
 
 @torch.no_grad()
 def main(args: argparse.Namespace) -> Path:
+    # The official sample.py turns TF32 on for matmuls and cuDNN (a no-op before Ampere and on CPU).
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    torch.backends.cudnn.allow_tf32 = args.tf32
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)
     model, vae, config = load_model_for_sampling(args, device, default_vae="mse")
@@ -51,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     official.add_argument("--seed", type=int, default=0)
     official.add_argument("--ckpt", type=str, default=None, help="a train.py checkpoint, a state dict or .safetensors")
     extra = parser.add_argument_group("additions")
+    extra.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                       help="TF32 matmuls and convolutions on Ampere+ GPUs, as the official script")
     extra.add_argument("--class-labels", type=int, nargs="+", default=None, help=f"default {OFFICIAL_LABELS}")
     add_sampling_flags(extra)
     extra.add_argument("--output", type=str, default="sample.png")

@@ -9,9 +9,12 @@ from PIL import Image
 
 import download
 from common import guided_batch, load_weights
-from conftest import LoopbackServer, run_script
+import official_reference as official
+from conftest import DDP_DEVICE, DEVICE, LoopbackServer, make_image_folder, run_script
 from diffusion import create_diffusion
 from models import DiT_models
+
+pytestmark = pytest.mark.device  # on CUDA when present: see conftest.DEVICE
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +25,7 @@ def trained_checkpoint(tmp_path_factory, tiny_vae_path) -> Path:
     data = make_image_folder(root / "images")
     run_script("train.py", "--data-path", data, "--results-dir", root / "results", "--model", "DiT-Nano/2",
                "--image-size", "32", "--vae", tiny_vae_path, "--num-classes", "2", "--global-batch-size", "4",
-               "--max-steps", "3", "--lr", "1e-2", "--ema-decay", "0.5", "--num-workers", "0", "--device", "cpu")
+               "--max-steps", "3", "--lr", "1e-2", "--ema-decay", "0.5", "--num-workers", "0", "--device", DEVICE)
     return next((root / "results").glob("*/checkpoints/0000003.pt"))
 
 
@@ -34,7 +37,7 @@ def digest(path: Path) -> str:
 
 def test_sample_writes_a_seeded_grid(tmp_path, trained_checkpoint):
     common = ["--ckpt", trained_checkpoint, "--class-labels", "0", "1", "1", "0", "1", "--num-sampling-steps", "5",
-              "--device", "cpu"]
+              "--device", DEVICE]
     first, again, other = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png"
     run_script("sample.py", *common, "--output", first)
     run_script("sample.py", *common, "--output", again)
@@ -46,34 +49,123 @@ def test_sample_writes_a_seeded_grid(tmp_path, trained_checkpoint):
     assert "Saved 5 samples" in ddim.stdout
 
 
-def test_sample_latents_equal_driving_the_diffusion_directly(tmp_path, trained_checkpoint, monkeypatch):
-    """The official recipe, written out: seed, build, load, (VAE), noise, CFG batch, p_sample_loop."""
+def test_sample_latents_equal_the_official_recipe(tmp_path, trained_checkpoint, monkeypatch):
+    """The official sample.py, written out with the transcribed official sampler: seed, build,
+    load, (VAE), noise, CFG batch, ancestral loop over the official "7"-step respacing."""
     import sample
     captured = {}
     monkeypatch.setattr(sample, "decode", lambda vae, latents: captured.setdefault("latents", latents.clone()))
     monkeypatch.setattr(sample, "save_image_grid", lambda images, path, nrow: Path(path))
     sample.main(sample.parse_args(["--ckpt", str(trained_checkpoint), "--class-labels", "1", "0",
-                                   "--num-sampling-steps", "7", "--cfg-scale", "3.0", "--device", "cpu",
+                                   "--num-sampling-steps", "7", "--cfg-scale", "3.0", "--device", DEVICE,
                                    "--output", str(tmp_path / "x.png")]))
 
     torch.manual_seed(0)
     model = DiT_models["DiT-Nano/2"](input_size=4, num_classes=2)
     model.load_state_dict(torch.load(trained_checkpoint, weights_only=True)["ema"])
     model.eval()
-    diffusion = create_diffusion("7")
     z = torch.randn(2, 4, 4, 4)
     y = torch.tensor([1, 0])
     z = torch.cat([z, z], 0)
     y = torch.cat([y, torch.tensor([2, 2])], 0)
-    with torch.no_grad():
-        expected = diffusion.p_sample_loop(model.forward_with_cfg, z.shape, z, clip_denoised=False,
-                                           model_kwargs=dict(y=y, cfg_scale=3.0), device="cpu")[:2]
+    expected = official.p_sample_loop("7", model.forward_with_cfg, z.shape, z, clip_denoised=False,
+                                      model_kwargs=dict(y=y, cfg_scale=3.0))[:2]
     torch.testing.assert_close(captured["latents"], expected, atol=1e-5, rtol=0)
+
+
+@pytest.fixture
+def tf32_flags():
+    """Restores PyTorch's TF32 flags after a test that lets scripts set them."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_tf32_flags_as_the_official_scripts_set_them(tmp_path, trained_checkpoint, tf32_flags):
+    """sample.py turns TF32 on for matmuls and cuDNN; sample_ddp.py's --tf32 sets the matmul flag only."""
+    import sample
+    import sample_ddp
+    common = ["--ckpt", str(trained_checkpoint), "--class-labels", "0", "--num-sampling-steps", "2", "--device", DEVICE]
+    sample.main(sample.parse_args([*common, "--output", str(tmp_path / "a.png")]))
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    sample.main(sample.parse_args([*common, "--output", str(tmp_path / "b.png"), "--no-tf32"]))
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    sample_ddp.main(sample_ddp.parse_args(["--ckpt", str(trained_checkpoint), "--sample-dir", str(tmp_path / "s"),
+                                           "--per-proc-batch-size", "1", "--num-fid-samples", "1",
+                                           "--num-sampling-steps", "2", "--device", DEVICE]))
+    assert torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+
+
+def official_checkpoint(ours: Path, path: Path) -> Path:
+    """What the official train.py writes: plain torch.save of model, ema, opt and an argparse.Namespace."""
+    import argparse
+    checkpoint = torch.load(ours, weights_only=True)
+    args = argparse.Namespace(data_path="/data/imagenet/train", results_dir="results", model="DiT-Nano/2",
+                              image_size=32, num_classes=2, epochs=1400, global_batch_size=4, global_seed=0,
+                              vae="ema", num_workers=4, log_every=100, ckpt_every=50_000)
+    torch.save({"model": checkpoint["model"], "ema": checkpoint["ema"], "opt": checkpoint["opt"], "args": args}, path)
+    return path
+
+
+def test_official_train_checkpoints_load_everywhere(tmp_path, trained_checkpoint, tiny_vae_path):
+    import sample
+    import sample_ddp
+    import train
+    from diffusers_interop import export_command
+    official_path = official_checkpoint(trained_checkpoint, tmp_path / "0050000.pt")
+    ours = torch.load(trained_checkpoint, weights_only=True)
+    # find_model takes the EMA, as the official find_model does.
+    loaded = download.find_model(official_path)
+    assert loaded.keys() == ours["ema"].keys() and all(torch.equal(loaded[k], ours["ema"][k]) for k in loaded)
+    # sample.py: model, size and classes come from the Namespace; the picture equals our checkpoint's.
+    common = ["--vae", str(tiny_vae_path), "--class-labels", "0", "1", "--num-sampling-steps", "3", "--device", DEVICE]
+    sample.main(sample.parse_args(["--ckpt", str(official_path), "--output", str(tmp_path / "official.png"), *common]))
+    sample.main(sample.parse_args(["--ckpt", str(trained_checkpoint), "--output", str(tmp_path / "ours.png"), *common]))
+    assert digest(tmp_path / "official.png") == digest(tmp_path / "ours.png")
+    # sample_ddp.py (a world of one) and the diffusers export read it too.
+    sample_ddp.main(sample_ddp.parse_args(["--ckpt", str(official_path), "--sample-dir", str(tmp_path / "samples"),
+                                           "--per-proc-batch-size", "2", "--num-fid-samples", "2",
+                                           "--num-sampling-steps", "2", *common[:2], "--device", DEVICE]))
+    with np.load(next((tmp_path / "samples").glob("*.npz"))) as npz:
+        assert npz["arr_0"].shape == (2, 32, 32, 3)
+    import argparse
+    export_command(argparse.Namespace(ckpt=str(official_path), out=str(tmp_path / "exported"), model=None,
+                                      image_size=None, num_classes=None, vae=None, weights="ema"))
+    assert (tmp_path / "exported" / "config.json").is_file()
+    # train.py cannot resume it exactly, and says so in one line.
+    data = make_image_folder(tmp_path / "images")
+    with pytest.raises(ValueError, match="an official train.py checkpoint; it holds no step counter or RNG state"):
+        train.main(train.parse_args(["--data-path", str(data), "--results-dir", str(tmp_path / "results"),
+                                     "--model", "DiT-Nano/2", "--image-size", "32", "--vae", str(tiny_vae_path),
+                                     "--num-classes", "2", "--global-batch-size", "4", "--num-workers", "0",
+                                     "--device", DEVICE, "--resume", str(official_path)]))
+
+
+def test_checkpoint_needing_other_code_is_refused_without_running_it(tmp_path):
+    import os
+    marker = tmp_path / "code-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    state = DiT_models["DiT-Nano/4"](input_size=8, num_classes=3).state_dict()
+    torch.save({"model": state, "ema": state, "args": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError) as error:
+        download.find_model(tmp_path / "evil.pt")
+    message = str(error.value)
+    assert f"{tmp_path / 'evil.pt'} needs the Python global(s) {os.system.__module__}.system" in message
+    assert "weights_only=False" in message and "converted.pt" in message and "\n" not in message
+    assert not marker.exists()
+    result = run_script("sample.py", "--ckpt", tmp_path / "evil.pt", "--device", DEVICE, check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr and not marker.exists()
+    assert result.stderr.strip().startswith("sample.py: error:") and len(result.stderr.strip().splitlines()) == 1
 
 
 def test_mismatched_checkpoint_names_tensors_and_right_flags(tmp_path, trained_checkpoint):
     result = run_script("sample.py", "--ckpt", trained_checkpoint, "--model", "DiT-Nano/4", "--image-size", "64",
-                        "--device", "cpu", "--class-labels", "0", "--output", tmp_path / "x.png", check=False)
+                        "--device", DEVICE, "--class-labels", "0", "--output", tmp_path / "x.png", check=False)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "does not fit the chosen model" in result.stderr
     assert "x_embedder.proj.weight: checkpoint (128, 4, 2, 2) vs model (128, 4, 4, 4)" in result.stderr
@@ -100,8 +192,8 @@ def test_guided_batch():
 
 def test_sample_ddp_two_processes_and_resume(tmp_path, trained_checkpoint):
     args = ["--ckpt", trained_checkpoint, "--sample-dir", tmp_path / "samples", "--per-proc-batch-size", "3",
-            "--num-fid-samples", "10", "--num-sampling-steps", "4", "--device", "cpu"]
-    run_script("sample_ddp.py", *args, nproc=2)
+            "--num-fid-samples", "10", "--num-sampling-steps", "4", "--device", DEVICE]
+    run_script("sample_ddp.py", *args, "--device", DDP_DEVICE, nproc=2)  # the last --device wins
     folders = [p for p in (tmp_path / "samples").iterdir() if p.is_dir()]
     assert len(folders) == 1
     folder = folders[0]
@@ -117,13 +209,13 @@ def test_sample_ddp_two_processes_and_resume(tmp_path, trained_checkpoint):
     for index in (0, 4, 11):
         (folder / f"{index:06d}.png").unlink()
     (folder / "000007.png").write_bytes(b"half a png")
-    again = run_script("sample_ddp.py", *args, nproc=2)
+    again = run_script("sample_ddp.py", *args, "--device", DDP_DEVICE, nproc=2)
     assert "Kept" in again.stdout
     assert digest(npz_path) == first
 
 
 def test_sample_ddp_rejects_guidance_below_one(tmp_path, trained_checkpoint):
-    result = run_script("sample_ddp.py", "--ckpt", trained_checkpoint, "--cfg-scale", "0.5", "--device", "cpu",
+    result = run_script("sample_ddp.py", "--ckpt", trained_checkpoint, "--cfg-scale", "0.5", "--device", DEVICE,
                         check=False)
     assert result.returncode != 0 and "--cfg-scale must be >= 1.0" in result.stderr
 
@@ -185,11 +277,17 @@ def test_find_model_local_files(tmp_path):
     model = DiT_models["DiT-Nano/4"](input_size=8, num_classes=3)
     state = model.state_dict()
     torch.save({"model": state, "ema": {k: v + 1 for k, v in state.items()}, "args": {}}, tmp_path / "train.pt")
+    import argparse
+    torch.save({"model": state, "ema": {k: v + 2 for k, v in state.items()}, "opt": {},
+                "args": argparse.Namespace(model="DiT-Nano/4")}, tmp_path / "official.pt")
     torch.save(state, tmp_path / "bare.pt")
     from safetensors.torch import save_file
     save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "w.safetensors")
     assert torch.equal(download.find_model(tmp_path / "train.pt")["pos_embed"], state["pos_embed"] + 1)
     assert torch.equal(download.load_state_dict(tmp_path / "train.pt", "model")["pos_embed"], state["pos_embed"])
+    assert torch.equal(download.find_model(tmp_path / "official.pt")["pos_embed"], state["pos_embed"] + 2)
+    assert torch.equal(download.load_state_dict(tmp_path / "official.pt", "model")["pos_embed"], state["pos_embed"])
+    assert download.checkpoint_args(download.read_checkpoint(tmp_path / "official.pt")) == {"model": "DiT-Nano/4"}
     assert torch.equal(download.find_model(tmp_path / "bare.pt")["pos_embed"], state["pos_embed"])
     assert torch.equal(download.find_model(tmp_path / "w.safetensors")["pos_embed"], state["pos_embed"])
     with pytest.raises(FileNotFoundError, match="not one of the official names"):
@@ -198,7 +296,7 @@ def test_find_model_local_files(tmp_path):
 
 def test_unreachable_hub_vae_is_a_one_line_error(tmp_path, trained_checkpoint):
     result = run_script("sample.py", "--ckpt", trained_checkpoint, "--vae", "mse", "--class-labels", "0",
-                        "--num-sampling-steps", "2", "--device", "cpu", "--output", tmp_path / "x.png",
+                        "--num-sampling-steps", "2", "--device", DEVICE, "--output", tmp_path / "x.png",
                         check=False, env={"HF_HUB_OFFLINE": "1"})
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "could not load the VAE 'stabilityai/sd-vae-ft-mse'" in result.stderr
