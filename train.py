@@ -24,9 +24,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
 from common import (LatentFeatures, atomic_torch_save, create_logger, decode, distributed, encode_posterior,
-                    guided_batch, image_folder, latent_shape, load_vae, require_positive, run_cli, run_sampler,
-                    sample_latents, sampling_diffusion, save_image_grid, to_uint8_images, vae_scale)
+                    forked_rng, guided_batch, image_folder, latent_shape, load_vae, require_positive, run_cli,
+                    run_sampler, sample_latents, sampling_diffusion, save_image_grid, to_uint8_images, vae_scale)
 from diffusion import create_diffusion
+from download import read_checkpoint
 from evaluate import InceptionNetwork, as_uint8_nchw, check_statistics, frechet_distance, read_npz, statistics
 from models import BLOCK_DESIGNS, DiT_models
 
@@ -101,10 +102,24 @@ def find_experiment(results_dir: str, model_name: str, resume: Optional[str]) ->
 
 
 @torch.no_grad()
-def weights_fingerprint(model: torch.nn.Module) -> tuple[float, float]:
-    """Sum and sum of squares of all weights in float64: equal on every rank unless DDP went wrong."""
-    params = [p.detach().double() for p in model.parameters()]
-    return sum(p.sum().item() for p in params), sum(p.square().sum().item() for p in params)
+def check_ranks_agree(models: dict, step: int) -> None:
+    """Raise unless every named model holds the same weights on every rank.
+
+    Each tensor is summarised by its sum and its norm (no copy of the weights is made); one
+    all-reduce of [summary, -summary] with MAX gives the largest and smallest value across ranks.
+    """
+    summaries = torch.stack([value for model in models.values() for p in model.parameters()
+                             for value in (p.detach().sum(), torch.linalg.vector_norm(p.detach()))]).double()
+    extremes = torch.cat([summaries, -summaries])
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
+    largest, minus_smallest = extremes.chunk(2)
+    differs = (largest != -minus_smallest).tolist()
+    if any(differs):
+        counts = [2 * sum(1 for _ in model.parameters()) for model in models.values()]
+        bounds = np.cumsum([0] + counts)
+        names = [name for name, lo, hi in zip(models, bounds, bounds[1:]) if any(differs[lo:hi])]
+        raise RuntimeError(f"the ranks' {' and '.join(names)} weights differ at step {step}; "
+                           f"DDP should keep them identical (a rank ran other code or data)")
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -150,22 +165,25 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
     np.random.seed(seed)
     random.seed(seed)
 
-    # Data, VAE and model geometry: every error here comes before any training work.
-    if args.feature_path is not None:
-        dataset = LatentFeatures(args.feature_path)
-        dataset.check_matches(args.image_size, args.num_classes)
-        args.vae = dataset.meta["vae"]  # the VAE that made the latents: recorded in checkpoints, used by grids
-        vae = load_vae(args.vae, device) if args.sample_every else None  # only sample grids decode
-        channels, latent_size = dataset.channels, dataset.latent_size
-        scale = dataset.scale
-    else:
-        dataset = image_folder(args.data_path, args.image_size)
-        if len(dataset.classes) > args.num_classes:
-            raise ValueError(f"--data-path has {len(dataset.classes)} class folders but --num-classes is {args.num_classes}")
-        vae = load_vae(args.vae, device)
-        channels, latent_size = latent_shape(vae, args.image_size)
-        scale = vae_scale(vae) if vae is not None else 1.0
-    fid_network, fid_reference = load_fid_tools(args, rank, device) if args.fid_every else (None, None)
+    # Data, VAE and model geometry: every error here comes before any training work. Nothing built
+    # here draws from the training generators, so the DiT's initialisation is the official one (the
+    # official script builds it straight after seeding) whatever the run also loads.
+    with forked_rng(device):
+        if args.feature_path is not None:
+            dataset = LatentFeatures(args.feature_path)
+            dataset.check_matches(args.image_size, args.num_classes)
+            args.vae = dataset.meta["vae"]  # the VAE that made the latents: recorded in checkpoints, used by grids
+            vae = load_vae(args.vae, device) if args.sample_every else None  # only sample grids decode
+            channels, latent_size = dataset.channels, dataset.latent_size
+            scale = dataset.scale
+        else:
+            dataset = image_folder(args.data_path, args.image_size)
+            if len(dataset.classes) > args.num_classes:
+                raise ValueError(f"--data-path has {len(dataset.classes)} class folders but --num-classes is {args.num_classes}")
+            vae = load_vae(args.vae, device)
+            channels, latent_size = latent_shape(vae, args.image_size)
+            scale = vae_scale(vae) if vae is not None else 1.0
+        fid_network, fid_reference = load_fid_tools(args, rank, device) if args.fid_every else (None, None)
     if len(dataset) < args.global_batch_size:
         raise ValueError(f"the dataset has {len(dataset)} images, fewer than one global batch of {args.global_batch_size}")
     try:
@@ -199,7 +217,11 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
 
     train_steps, epoch, position = 0, 0, 0
     if checkpoint_path is not None:
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        checkpoint = read_checkpoint(checkpoint_path)
+        if not isinstance(checkpoint, dict) or "train_steps" not in checkpoint or "rng" not in checkpoint:
+            kind = "an official train.py checkpoint" if isinstance(checkpoint, dict) and "opt" in checkpoint else "not a checkpoint of this train.py"
+            raise ValueError(f"--resume {checkpoint_path}: {kind}; it holds no step counter or RNG state, so it cannot "
+                             f"be resumed exactly (sample from it with sample.py --ckpt, or start a new run)")
         model.load_state_dict(checkpoint["model"])
         ema.load_state_dict(checkpoint["ema"])
         opt.load_state_dict(checkpoint["opt"])
@@ -211,10 +233,12 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
             logger.info(f"Checkpoint came from {len(checkpoint['rng'])} processes, not {world_size}: "
                         f"continuing with fresh per-rank seeds (the run will not repeat bit for bit)")
         logger.info(f"Resumed from {checkpoint_path} at step {train_steps} (epoch {epoch}, batch {position})")
-    else:
-        update_ema(ema, model, decay=0)  # the EMA starts as a copy of the model
 
     ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if checkpoint_path is None:
+        # Each rank initialised its own model from its own seed; DDP has just given them all rank
+        # 0's weights. The EMA starts as a copy of those, as in the official script.
+        update_ema(ema, model, decay=0)
     if args.compile:
         # Label dropout's rand() runs inside the compiled graph: draw it with the eager kernel so a
         # compiled run consumes the generator exactly as an eager one (and resumes exactly).
@@ -234,11 +258,9 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
 
     def save_checkpoint() -> Path:
         """Collective: checks the ranks agree, gathers their RNG states; rank 0 writes atomically."""
-        rngs, fingerprints = [None] * world_size, [None] * world_size
+        check_ranks_agree({"model": model, "EMA": ema}, train_steps)
+        rngs = [None] * world_size
         dist.all_gather_object(rngs, rng_state(device))
-        dist.all_gather_object(fingerprints, weights_fingerprint(model))
-        if any(f != fingerprints[0] for f in fingerprints):
-            raise RuntimeError(f"the ranks' weights have diverged at step {train_steps}: {fingerprints}")
         path = checkpoint_dir / f"{train_steps:07d}.pt"
         if rank == 0:
             atomic_torch_save({
@@ -246,7 +268,7 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
                 "scaler": scaler.state_dict(), "args": vars(args), "train_steps": train_steps,
                 "epoch": epoch, "position": position, "rng": rngs,
             }, path)
-            logger.info(f"Saved checkpoint to {path} (weights identical on all {world_size} ranks)")
+            logger.info(f"Saved checkpoint to {path} (model and EMA identical on all {world_size} ranks)")
         dist.barrier()
         return path
 
@@ -409,9 +431,8 @@ def fixed_sample_inputs(args, channels: int, latent_size: int, device: torch.dev
 @torch.no_grad()
 def write_sample_grid(ema, vae, noise, labels, args, path: Path) -> None:
     """Sample the EMA model with CFG and save a PNG grid; the training RNG is left untouched."""
-    diffusion = sampling_diffusion("ddpm", args.sample_steps)
-    devices = [noise.device] if noise.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    diffusion = sampling_diffusion("ddpm", args.sample_steps, "--sample-steps")
+    with forked_rng(noise.device):
         torch.manual_seed(args.global_seed)
         x, model_fn, model_kwargs = guided_batch(noise, labels, args.num_classes, args.sample_cfg_scale, ema)
         latents = run_sampler(diffusion, "ddpm", model_fn, x, model_kwargs, pixels=vae is None)
@@ -434,15 +455,25 @@ def load_fid_tools(args, rank: int, device: torch.device) -> tuple[InceptionNetw
 @torch.no_grad()
 def ema_fid(ema, vae, network: InceptionNetwork, args, rank: int, world_size: int, channels: int, latent_size: int,
             batch_size: int, device: torch.device) -> Optional[np.ndarray]:
-    """Pool3 features of --fid-samples EMA samples, DDIM-sampled in shares across the ranks and
-    gathered on rank 0 (None elsewhere). Each rank's noise and labels are the same at every
-    evaluation, so successive FIDs differ only by the weights; the training RNG is untouched."""
-    diffusion = sampling_diffusion("ddim", args.fid_steps)
+    """Pool3 features of --fid-samples EMA samples, sampled in shares across the ranks and gathered
+    on rank 0 (None elsewhere)."""
+    local = rank_fid_features(ema, vae, network, args, rank, world_size, channels, latent_size, batch_size, device)
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, local)
+    return np.concatenate(gathered) if rank == 0 else None
+
+
+@torch.no_grad()
+def rank_fid_features(ema, vae, network: InceptionNetwork, args, rank: int, world_size: int, channels: int,
+                      latent_size: int, batch_size: int, device: torch.device) -> np.ndarray:
+    """One rank's share of the FID samples (DDIM), as pool3 features. Each rank's noise and labels
+    are the same at every evaluation, so successive FIDs differ only by the weights; the training
+    RNG is untouched."""
+    diffusion = sampling_diffusion("ddim", args.fid_steps, "--fid-steps")
     generator = torch.Generator().manual_seed(args.global_seed * world_size + rank)
     count = len(range(rank, args.fid_samples, world_size))
     features = []
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    with forked_rng(device):
         torch.manual_seed(args.global_seed * world_size + rank)
         for start in range(0, count, batch_size):
             n = min(batch_size, count - start)
@@ -452,10 +483,7 @@ def ema_fid(ema, vae, network: InceptionNetwork, args, rank: int, world_size: in
             latents = run_sampler(diffusion, "ddim", model_fn, x, model_kwargs, pixels=vae is None)[:n]
             images = to_uint8_images(decode(vae, latents))
             features.append(network(as_uint8_nchw(images, "the FID samples"))[0].numpy())
-    local = np.concatenate(features) if features else np.zeros((0, 2048), np.float32)
-    gathered = [None] * world_size
-    dist.all_gather_object(gathered, local)
-    return np.concatenate(gathered) if rank == 0 else None
+    return np.concatenate(features) if features else np.zeros((0, 2048), np.float32)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

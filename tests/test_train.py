@@ -11,15 +11,21 @@ import pytest
 import torch
 
 from common import atomic_torch_save
-from conftest import ROOT, fid_network_path, make_image_folder, run_script
+from conftest import DDP_DEVICE, DEVICE, ROOT, make_image_folder, run_script
+
+pytestmark = pytest.mark.device  # on CUDA when present: see conftest.DEVICE
 
 PIXEL = ["--model", "DiT-Nano/4", "--image-size", "16", "--vae", "none", "--num-classes", "2",
-         "--num-workers", "0", "--device", "cpu"]
+         "--num-workers", "0", "--device", DEVICE]
+
+
+# Appended to two-process runs (argparse keeps the last --device): NCCL needs a GPU per process.
+DDP = ["--device", DDP_DEVICE]
 
 
 def latent_args(vae_path) -> list:
     return ["--model", "DiT-Nano/2", "--image-size", "32", "--vae", str(vae_path), "--num-classes", "2",
-            "--num-workers", "0", "--device", "cpu"]
+            "--num-workers", "0", "--device", DEVICE]
 
 
 def only_experiment(results: Path) -> Path:
@@ -49,13 +55,13 @@ def assert_same_state(a: dict, b: dict) -> None:
 def test_torchrun_two_processes(tmp_path, image_folder_path):
     result = run_script("train.py", "--data-path", image_folder_path, "--results-dir", tmp_path / "results",
                         "--global-batch-size", "4", "--max-steps", "3", "--log-every", "1", "--ckpt-every", "100",
-                        *PIXEL, nproc=2)
+                        *PIXEL, *DDP, nproc=2)
     experiment = only_experiment(tmp_path / "results")
     assert experiment.name == "000-DiT-Nano-4"
     assert [p.name for p in (experiment / "checkpoints").iterdir()] == ["0000003.pt"]
     log = (experiment / "log.txt").read_text()
     assert "(step=0000003) Train Loss:" in log and "2 process(es) on cpu" in log
-    assert "weights identical on all 2 ranks" in log
+    assert "model and EMA identical on all 2 ranks" in log  # the EMA starts from the broadcast weights
     records = metrics(experiment)
     assert [r["step"] for r in records] == [1, 2, 3]
     assert all(r["images_per_sec"] == pytest.approx(4 * r["steps_per_sec"]) for r in records)
@@ -65,11 +71,45 @@ def test_torchrun_two_processes(tmp_path, image_folder_path):
     assert "Traceback" not in result.stderr
 
 
+RANK_CHECK_WORKER = """
+import torch
+import torch.distributed as dist
+from models import DiT
+from train import check_ranks_agree
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(0)  # the same weights on both ranks
+model = DiT(input_size=8, patch_size=4, in_channels=3, hidden_size=32, depth=1, num_heads=2, num_classes=2)
+ema = DiT(input_size=8, patch_size=4, in_channels=3, hidden_size=32, depth=1, num_heads=2, num_classes=2)
+ema.load_state_dict(model.state_dict())
+check_ranks_agree({"model": model, "EMA": ema}, 5)
+print(f"rank {rank}: agree")
+if rank == 1:
+    with torch.no_grad():
+        ema.blocks[0].mlp.fc2.weight[0, 0] += 1e-6
+try:
+    check_ranks_agree({"model": model, "EMA": ema}, 6)
+except RuntimeError as error:
+    print(f"rank {rank}: {error}")
+dist.destroy_process_group()
+"""
+
+
+def test_rank_agreement_check_covers_the_ema(tmp_path):
+    (tmp_path / "worker.py").write_text(RANK_CHECK_WORKER)
+    result = run_script(tmp_path / "worker.py", nproc=2, env={"PYTHONPATH": str(ROOT)})
+    for rank in (0, 1):
+        assert f"rank {rank}: agree" in result.stdout
+        assert (f"rank {rank}: the ranks' EMA weights differ at step 6" in result.stdout), result.stdout
+
+
 def test_resume_is_bit_identical_across_ranks_epochs_and_vae(tmp_path, image_folder_path, tiny_vae_path):
     # 16 images, global batch 4 on 2 ranks: 4 steps per epoch, so 7 steps cross an epoch boundary
     # and the stop at step 3 falls mid-epoch. Flips, VAE draws, label dropout and noise all use RNG.
     common = ["--data-path", image_folder_path, "--global-batch-size", "4", "--log-every", "1",
               "--ckpt-every", "100", "--lr", "1e-3", "--ema-decay", "0.9", *latent_args(tiny_vae_path)]
+    common += DDP
     run_script("train.py", *common, "--results-dir", tmp_path / "straight", "--max-steps", "7", nproc=2)
     run_script("train.py", *common, "--results-dir", tmp_path / "split", "--max-steps", "3", nproc=2)
     resumed = run_script("train.py", *common, "--results-dir", tmp_path / "split", "--max-steps", "7",
@@ -102,7 +142,7 @@ def test_resume_from_a_path_continues_that_experiment(tmp_path, image_folder_pat
 def test_extracted_latents_give_the_same_losses_as_on_the_fly_encoding(tmp_path, image_folder_path, tiny_vae_path):
     run_script("extract_features.py", "--data-path", image_folder_path, "--features-path", tmp_path / "features",
                "--image-size", "32", "--vae", tiny_vae_path, "--batch-size", "3", "--num-workers", "0",
-               "--device", "cpu", nproc=2)
+               "--device", DDP_DEVICE, nproc=2)
     meta = json.loads((tmp_path / "features" / "meta.json").read_text())
     assert meta["num_images"] == 16 and [s["count"] for s in meta["shards"]] == [8, 8]
     common = ["--global-batch-size", "4", "--max-steps", "5", "--log-every", "1", "--ckpt-every", "100",
@@ -200,13 +240,13 @@ def test_bad_inputs_fail_before_work(tmp_path, image_folder_path, case, message)
         (tmp_path / "empty").mkdir()
         args["data"] = ["--data-path", tmp_path / "empty"]
     elif case == "odd-image-size":
-        args["rest"] = ["--image-size", "36", "--vae", "ema", "--device", "cpu"]
+        args["rest"] = ["--image-size", "36", "--vae", "ema", "--device", DEVICE]
     elif case == "patch-mismatch":
-        args["rest"] = PIXEL[:2] + ["--image-size", "18", "--vae", "none", "--device", "cpu"]
+        args["rest"] = PIXEL[:2] + ["--image-size", "18", "--vae", "none", "--device", DEVICE]
     elif case == "too-few-images":
         args["batch"] = ["--global-batch-size", "64"]
     elif case == "bad-vae":
-        args["rest"] = PIXEL[:4] + ["--vae", "no-such-vae", "--device", "cpu"]
+        args["rest"] = PIXEL[:4] + ["--vae", "no-such-vae", "--device", DEVICE]
     elif case == "fid-without-reference":
         args["rest"] = PIXEL + ["--fid-every", "2"]
     elif case == "fid-reference-missing":
@@ -219,28 +259,56 @@ def test_bad_inputs_fail_before_work(tmp_path, image_folder_path, case, message)
     assert not any((tmp_path / "r").rglob("*.pt"))
 
 
-def test_fid_monitoring_logs_fid_and_leaves_training_unchanged(tmp_path, image_folder_path):
-    inception = ["--inception", fid_network_path()]
+def test_fid_monitoring_logs_the_right_fid_and_leaves_training_unchanged(tmp_path, image_folder_path,
+                                                                         fidelity_inception_path):
+    # torch-fidelity's own network class: building it draws random numbers, which must not reach
+    # the DiT's initialisation or the training stream.
+    import numpy as np
+
+    import train
+    from evaluate import InceptionNetwork, frechet_distance, read_npz, statistics
+    from models import DiT_models
+    inception = ["--inception", fidelity_inception_path]
     run_script("evaluate.py", image_folder_path, "--image-size", "16", "--save-stats", tmp_path / "ref.npz", *inception)
+    # A fast EMA, so its samples (and FID) change between evaluations and tell the weights apart.
     common = ["--data-path", image_folder_path, "--global-batch-size", "4", "--max-steps", "4", "--log-every", "1",
-              "--ckpt-every", "100", *PIXEL]
-    run_script("train.py", *common, "--results-dir", tmp_path / "plain", nproc=2)
-    run_script("train.py", *common, "--results-dir", tmp_path / "fid", "--fid-every", "2", "--fid-ref",
+              "--ckpt-every", "4", "--lr", "1e-2", "--ema-decay", "0.5", *PIXEL]
+    run_script("train.py", *common, *DDP, "--results-dir", tmp_path / "plain", nproc=2)
+    run_script("train.py", *common, *DDP, "--results-dir", tmp_path / "fid", "--fid-every", "2", "--fid-ref",
                tmp_path / "ref.npz", "--fid-samples", "5", "--fid-steps", "3", *inception, nproc=2)
     experiment = only_experiment(tmp_path / "fid")
     fids = [r for r in metrics(experiment) if "fid" in r]
     assert [r["step"] for r in fids] == [2, 4]
-    assert all(r["fid"] > 0 and r["fid_samples"] == 5 and (r["fid_sampler"], r["fid_steps"]) == ("ddim", 3)
-               for r in fids)
-    assert "(step=0000004) FID-5: " in (experiment / "log.txt").read_text()
+    assert all(r["fid_samples"] == 5 and (r["fid_sampler"], r["fid_steps"]) == ("ddim", 3) for r in fids)
     assert "EMA weights, DDIM 3 steps, cfg-scale 1.0" in (experiment / "log.txt").read_text()
     losses = [r["loss"] for r in metrics(experiment) if "loss" in r]
     assert losses == [r["loss"] for r in metrics(only_experiment(tmp_path / "plain"))]  # training RNG untouched
+    plain_ema = load(only_experiment(tmp_path / "plain") / "checkpoints" / "0000004.pt")["ema"]
+    checkpoint = load(experiment / "checkpoints" / "0000004.pt")
+    assert all(torch.equal(plain_ema[k], v) for k, v in checkpoint["ema"].items())
+
+    # The logged FID at step 4 is that of the saved EMA's samples, each rank's share included.
+    ema = DiT_models["DiT-Nano/4"](input_size=16, in_channels=3, num_classes=2)
+    ema.load_state_dict(checkpoint["ema"])
+    args = train.parse_args([*map(str, common), "--fid-samples", "5", "--fid-steps", "3"])
+    network = InceptionNetwork(str(fidelity_inception_path), torch.device(DDP_DEVICE))
+    ema = ema.eval().to(DDP_DEVICE)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the run's processes
+    try:
+        shares = [train.rank_fid_features(ema, None, network, args, rank, 2, 3, 16, 2,
+                                          torch.device(DDP_DEVICE)) for rank in (0, 1)]
+    finally:
+        torch.set_num_threads(threads)
+    assert [len(share) for share in shares] == [3, 2]
+    expected = frechet_distance(statistics(np.concatenate(shares)), read_npz(tmp_path / "ref.npz"))
+    assert fids[1]["fid"] == pytest.approx(expected, rel=1e-3)
+    assert fids[0]["fid"] != fids[1]["fid"]
 
 
 def test_batch_not_divisible_by_world_size(tmp_path, image_folder_path):
     result = run_script("train.py", "--data-path", image_folder_path, "--results-dir", tmp_path / "r",
-                        "--global-batch-size", "5", *PIXEL, nproc=2, check=False)
+                        "--global-batch-size", "5", *PIXEL, *DDP, nproc=2, check=False)
     assert result.returncode != 0
     assert "--global-batch-size 5 is not divisible by the world size 2" in result.stderr + result.stdout
 
