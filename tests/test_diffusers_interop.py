@@ -1,7 +1,7 @@
 """diffusers interop: exact round trip, and the measured gap between diffusers' forward and ours."""
 import torch
 
-from conftest import make_image_folder, run_script
+from conftest import DEVICE, make_image_folder, run_script
 from diffusers_interop import from_diffusers, model_kwargs_from_diffusers, to_diffusers
 from models import DiT
 
@@ -32,7 +32,11 @@ def test_round_trip_is_exact():
     original = model.state_dict()
     assert back.keys() == original.keys()
     assert all(torch.equal(back[k], original[k]) for k in original)
-    assert DiT(**model_kwargs_from_diffusers(transformer.config)).load_state_dict(back, strict=True)
+    rebuilt = DiT(**model_kwargs_from_diffusers(transformer.config)).eval()
+    rebuilt.load_state_dict(back, strict=True)
+    x, t, y = inputs()
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x, t, y), model(x, t, y))
 
 
 def test_diffusers_forward_gap_is_only_the_timestep_frequencies():
@@ -53,7 +57,7 @@ def test_cli_export_pipeline_and_import(tmp_path, tiny_vae_path):
     data = make_image_folder(tmp_path / "images")
     run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "results", "--model", "DiT-Nano/2",
                "--image-size", "32", "--vae", tiny_vae_path, "--num-classes", "2", "--global-batch-size", "4",
-               "--max-steps", "1", "--num-workers", "0", "--device", "cpu")
+               "--max-steps", "1", "--num-workers", "0", "--device", DEVICE)
     checkpoint = next((tmp_path / "results").glob("*/checkpoints/*.pt"))
     run_script("diffusers_interop.py", "export", "--ckpt", checkpoint, "--out", tmp_path / "pipe", "--vae", tiny_vae_path)
     from diffusers import DiTPipeline

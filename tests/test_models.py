@@ -219,9 +219,14 @@ def test_bad_inputs_raise_value_error(change, message):
 
 
 def test_null_class_is_a_valid_label():
-    model = DiT(**TINY)
-    x, t, _ = tiny_inputs()
-    model(x, t, torch.full((4,), 10))
+    model = randomized(DiT(**TINY)).eval()
+    x, t, y = tiny_inputs()
+    null = model(x, t, torch.full((4,), 10))
+    # Label dropout substitutes exactly this row: dropping every label in training gives the same output.
+    model.train()
+    model.y_embedder.dropout_prob = 1.0
+    assert torch.equal(model(x, t, y), null)
+    assert not torch.allclose(model.eval()(x, t, y), null)
 
 
 def test_bad_configs_raise_value_error():
