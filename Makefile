@@ -4,7 +4,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test test-gpu table demo bench clean
+.PHONY: setup test test-all test-gpu table demo bench clean
 
 setup: $(VENV)/.installed
 
@@ -14,7 +14,11 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 test: $(VENV)/.demo-installed
-	$(PY) -m pytest -q -m "not gpu"
+	$(PY) -m pytest -q -m "not gpu and not slow"
+
+# The checks that take minutes on a 2-core CPU: every bench script in smoke mode, torch.compile.
+test-all: test
+	$(PY) -m pytest -q -m "slow and not gpu"
 
 # On a GPU machine: the training, sampling and evaluation tests on CUDA (NCCL for two processes
 # when there are two GPUs), plus bf16 training, --compile under DDP, CUDA RNG resume, no host sync.

@@ -180,8 +180,9 @@ def main() -> None:
     print(f"[demo] {len(digits)} real MNIST digits as an ImageFolder in {data}", flush=True)
 
     trained = time.time()
-    experiment = train(args, data, args.out / "runs", "--log-every", "100",
-                       "--sample-every", str(max(args.max_steps // 4, 1)), "--sample-grid-size", "100")
+    experiment = train(args, data, args.out / "runs", "--log-every", "100", "--sample-every",
+                       str(max(args.max_steps // 4, 1)), "--sample-grid-size", "100", "--sample-steps",
+                       str(args.sample_steps), "--sample-cfg-scale", str(args.cfg_scale))
     train_seconds = time.time() - trained
     checkpoint = final_checkpoint(experiment)
     speed = [json.loads(line) for line in (experiment / "metrics.jsonl").read_text().splitlines()]

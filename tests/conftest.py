@@ -62,6 +62,17 @@ def tiny_vae_path(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory, tiny_vae_path) -> Path:
+    """A DiT-Nano/2 checkpoint written by train.py: latent space with the tiny VAE (32px images), 2 classes."""
+    root = tmp_path_factory.mktemp("train")
+    data = make_image_folder(root / "images")
+    run_main("train.py", "--data-path", data, "--results-dir", root / "results", "--model", "DiT-Nano/2",
+             "--image-size", "32", "--vae", tiny_vae_path, "--num-classes", "2", "--global-batch-size", "4",
+             "--max-steps", "3", "--lr", "1e-2", "--ema-decay", "0.5", "--num-workers", "0", "--device", DEVICE)
+    return next((root / "results").glob("*/checkpoints/0000003.pt"))
+
+
 def run_script(*args, nproc: int = 0, timeout: float = 300, check: bool = True, env=None) -> subprocess.CompletedProcess:
     """Run a project script with `python` (nproc=0) or under torchrun with nproc processes."""
     if nproc:
@@ -74,6 +85,15 @@ def run_script(*args, nproc: int = 0, timeout: float = 300, check: bool = True, 
     if check and result.returncode != 0:
         raise AssertionError(f"{args[0]} exited {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}")
     return result
+
+
+def run_main(script: str, *args):
+    """A script's main(parse_args(args)) in this process, without an interpreter start-up (seconds
+    on a small CPU): for what a run computes or refuses. run_script is for what a user sees of a
+    process: exit codes, one-line errors, signals, torchrun."""
+    import importlib
+    module = importlib.import_module(script.removesuffix(".py"))
+    return module.main(module.parse_args([str(a) for a in args]))
 
 
 class LoopbackServer:

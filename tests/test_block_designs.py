@@ -7,7 +7,7 @@ from PIL import Image
 
 from bench.model_table import PAPER_XL2_DESIGN_GFLOPS
 from common import block_design
-from conftest import DEVICE, make_image_folder, run_script
+from conftest import DEVICE, make_image_folder, run_main, run_script
 from diffusion import create_diffusion
 from models import BLOCK_DESIGNS, DiT, DiT_models, count_forward_gmacs
 
@@ -129,27 +129,26 @@ def test_xl2_gflops_against_the_paper(block):
 
 def test_train_records_the_block_and_sampling_rebuilds_it(tmp_path):
     data = make_image_folder(tmp_path / "images", per_class=4)
-    run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "results", "--model", "DiT-Nano/4",
-               "--image-size", "16", "--vae", "none", "--num-classes", "2", "--num-workers", "0", "--device", DEVICE,
-               "--global-batch-size", "4", "--max-steps", "2", "--block", "cross-attention")
+    run_main("train.py", "--data-path", data, "--results-dir", tmp_path / "results", "--model", "DiT-Nano/4",
+             "--image-size", "16", "--vae", "none", "--num-classes", "2", "--num-workers", "0", "--device", DEVICE,
+             "--global-batch-size", "4", "--max-steps", "2", "--block", "cross-attention")
     checkpoint_path = next((tmp_path / "results").rglob("0000002.pt"))
     checkpoint = torch.load(checkpoint_path, weights_only=True)
     assert checkpoint["args"]["block"] == "cross-attention"
-    assert "(step=" not in run_script("sample.py", "--ckpt", checkpoint_path, "--class-labels", "0", "1",
-                                      "--num-sampling-steps", "2", "--output", tmp_path / "grid.png").stderr
+    run_main("sample.py", "--ckpt", checkpoint_path, "--class-labels", "0", "1", "--num-sampling-steps", "2",
+             "--output", tmp_path / "grid.png", "--device", DEVICE)
     # A bare state dict carries no args: the design is read from its weights.
     torch.save(checkpoint["ema"], tmp_path / "bare.pt")
-    run_script("sample.py", "--ckpt", tmp_path / "bare.pt", "--model", "DiT-Nano/4", "--image-size", "16",
-               "--vae", "none", "--num-classes", "2", "--class-labels", "0", "--num-sampling-steps", "2",
-               "--output", tmp_path / "bare.png")
-    assert (tmp_path / "grid.png").is_file() and (tmp_path / "bare.png").is_file()
+    bare = ["--ckpt", tmp_path / "bare.pt", "--model", "DiT-Nano/4", "--image-size", "16", "--vae", "none",
+            "--num-classes", "2", "--class-labels", "0", "--num-sampling-steps", "2", "--device", DEVICE]
+    run_main("sample.py", *bare, "--output", tmp_path / "bare.png")
+    assert Image.open(tmp_path / "grid.png").size == (38, 20) and Image.open(tmp_path / "bare.png").size == (16, 16)
     # Forcing another design on those weights names the one they hold.
-    wrong = run_script("sample.py", "--ckpt", tmp_path / "bare.pt", "--model", "DiT-Nano/4", "--image-size", "16",
-                       "--vae", "none", "--num-classes", "2", "--block", "adaln-zero", "--output",
-                       tmp_path / "x.png", check=False)
-    assert wrong.returncode != 0 and "--block cross-attention" in wrong.stderr
+    with pytest.raises(ValueError, match="--block cross-attention"):
+        run_main("sample.py", *bare, "--block", "adaln-zero", "--output", tmp_path / "x.png")
 
 
+@pytest.mark.slow  # two trainings, a judge and the FID network: over a minute on 2 cores
 def test_ablation_script_smoke(tmp_path):
     out = tmp_path / "ablation"
     result = run_script("experiments/block_ablation.py", "--out", out, "--max-steps", "3", "--global-batch-size", "32",
@@ -157,7 +156,14 @@ def test_ablation_script_smoke(tmp_path):
                         "--designs", "adaln", "in-context", timeout=600)
     report = json.loads((out / "ablation.json").read_text())
     assert [r["block"] for r in report["rows"]] == ["adaln", "in-context"]
-    assert all(r["steps"] == 3 and r["fid"] > 0 and 0 <= r["class_accuracy"] <= 1 for r in report["rows"])
+    # Three steps draw blobs: near-chance classes, far from real digits (the held-out floor).
+    assert all(r["steps"] == 3 and r["fid"] > 2 * report["fid_floor"] and r["class_accuracy"] < 0.5
+               for r in report["rows"])
+    with torch.device("meta"):
+        params = {b: sum(p.numel() for p in DiT_models["DiT-Nano/4"](input_size=16, in_channels=3, num_classes=10,
+                                                                    block=b).parameters() if p.requires_grad)
+                  for b in ("adaln", "in-context")}
+    assert {r["block"]: r["params"] for r in report["rows"]} == params
     assert (out / "ablation.md").read_text().count("\n") == 2 + 2 + 1
     assert Image.open(out / "loss_curves.png").size == (840, 504)
     assert "table, JSON and loss curves" in result.stdout

@@ -9,11 +9,12 @@ from conftest import run_script
 def test_demo_pipeline_runs_and_its_judge_is_trustworthy(tmp_path):
     out = tmp_path / "demo"
     result = run_script("demo/mnist.py", "--out", out, "--max-steps", "4", "--global-batch-size", "32",
-                        "--per-class", "2", "--sample-steps", "3", "--fid-reference", "60", timeout=600)
+                        "--per-class", "2", "--sample-steps", "3", "--fid-reference", "60", timeout=600,
+                        env={"OMP_NUM_THREADS": "2"})  # one process at a time: it may use both cores
     report = json.loads((out / "report.json").read_text())
     assert report["train_steps"] == 4 and report["sampled_digits"] == 20
     assert report["classifier_accuracy_on_real"] > 0.93  # the judge itself must know real digits
-    assert 0.0 <= report["class_accuracy_of_samples"] <= 1.0
+    assert report["class_accuracy_of_samples"] < 0.5  # four steps draw blobs, not digits (chance is 0.1)
     # Four training steps make blobs, far from real digits; held-out real digits sit near the reference.
     assert report["fid_images"] == [20, 60]
     assert report["fid_samples_vs_real"] > 2 * report["fid_held_out_real_vs_real"] > 0

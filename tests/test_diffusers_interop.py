@@ -1,7 +1,7 @@
 """diffusers interop: exact round trip, and the measured gap between diffusers' forward and ours."""
 import torch
 
-from conftest import DEVICE, make_image_folder, run_script
+from conftest import run_script
 from diffusers_interop import from_diffusers, model_kwargs_from_diffusers, to_diffusers
 from models import DiT
 
@@ -53,17 +53,16 @@ def test_diffusers_forward_gap_is_only_the_timestep_frequencies():
         assert torch.equal(transformer(x, t, y).sample, ours)
 
 
-def test_cli_export_pipeline_and_import(tmp_path, tiny_vae_path):
-    data = make_image_folder(tmp_path / "images")
-    run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "results", "--model", "DiT-Nano/2",
-               "--image-size", "32", "--vae", tiny_vae_path, "--num-classes", "2", "--global-batch-size", "4",
-               "--max-steps", "1", "--num-workers", "0", "--device", DEVICE)
-    checkpoint = next((tmp_path / "results").glob("*/checkpoints/*.pt"))
-    run_script("diffusers_interop.py", "export", "--ckpt", checkpoint, "--out", tmp_path / "pipe", "--vae", tiny_vae_path)
+def test_cli_export_pipeline_and_import(tmp_path, tiny_vae_path, trained_checkpoint):
+    import argparse
+
+    from diffusers_interop import import_command
+    run_script("diffusers_interop.py", "export", "--ckpt", trained_checkpoint, "--out", tmp_path / "pipe",
+               "--vae", tiny_vae_path)
     from diffusers import DiTPipeline
     pipeline = DiTPipeline.from_pretrained(tmp_path / "pipe")
     assert pipeline.transformer.config.num_embeds_ada_norm == 2
-    run_script("diffusers_interop.py", "import", "--folder", tmp_path / "pipe", "--out", tmp_path / "back.pt")
+    import_command(argparse.Namespace(folder=str(tmp_path / "pipe"), out=str(tmp_path / "back.pt")))
     back = torch.load(tmp_path / "back.pt", weights_only=True)
-    ema = torch.load(checkpoint, weights_only=True)["ema"]
+    ema = torch.load(trained_checkpoint, weights_only=True)["ema"]
     assert back.keys() == ema.keys() and all(torch.equal(back[k], ema[k]) for k in ema)

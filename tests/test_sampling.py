@@ -10,23 +10,11 @@ from PIL import Image
 import download
 from common import guided_batch, load_weights
 import official_reference as official
-from conftest import DDP_DEVICE, DEVICE, LoopbackServer, make_image_folder, run_script
+from conftest import DDP_DEVICE, DEVICE, LoopbackServer, make_image_folder, run_main, run_script
 from diffusion import create_diffusion
 from models import DiT_models
 
 pytestmark = pytest.mark.device  # on CUDA when present: see conftest.DEVICE
-
-
-@pytest.fixture(scope="module")
-def trained_checkpoint(tmp_path_factory, tiny_vae_path) -> Path:
-    """A DiT-Nano/2 checkpoint written by train.py, latent space with the tiny VAE (32px images)."""
-    from conftest import make_image_folder
-    root = tmp_path_factory.mktemp("train")
-    data = make_image_folder(root / "images")
-    run_script("train.py", "--data-path", data, "--results-dir", root / "results", "--model", "DiT-Nano/2",
-               "--image-size", "32", "--vae", tiny_vae_path, "--num-classes", "2", "--global-batch-size", "4",
-               "--max-steps", "3", "--lr", "1e-2", "--ema-decay", "0.5", "--num-workers", "0", "--device", DEVICE)
-    return next((root / "results").glob("*/checkpoints/0000003.pt"))
 
 
 def digest(path: Path) -> str:
@@ -39,14 +27,14 @@ def test_sample_writes_a_seeded_grid(tmp_path, trained_checkpoint):
     common = ["--ckpt", trained_checkpoint, "--class-labels", "0", "1", "1", "0", "1", "--num-sampling-steps", "5",
               "--device", DEVICE]
     first, again, other = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png"
-    run_script("sample.py", *common, "--output", first)
-    run_script("sample.py", *common, "--output", again)
-    run_script("sample.py", *common, "--output", other, "--seed", "1")
+    run_main("sample.py", *common, "--output", first)
+    run_main("sample.py", *common, "--output", again)
+    run_main("sample.py", *common, "--output", other, "--seed", "1")
     assert Image.open(first).size == (4 * 32 + 5 * 2, 2 * 32 + 3 * 2)  # 5 images, 4 per row
     assert digest(first) == digest(again)
     assert digest(first) != digest(other)
-    ddim = run_script("sample.py", *common, "--output", tmp_path / "d.png", "--sampler", "ddim")
-    assert "Saved 5 samples" in ddim.stdout
+    ddim = run_script("sample.py", *common, "--output", tmp_path / "d.png", "--sampler", "ddim")  # as a user runs it
+    assert f"Saved 5 samples to {tmp_path / 'd.png'}" in ddim.stdout and Image.open(tmp_path / "d.png").size == (138, 70)
 
 
 def test_sample_latents_equal_the_official_recipe(tmp_path, trained_checkpoint, monkeypatch):
@@ -158,18 +146,18 @@ def test_checkpoint_needing_other_code_is_refused_without_running_it(tmp_path):
     assert f"{tmp_path / 'evil.pt'} needs the Python global(s) {os.system.__module__}.system" in message
     assert "weights_only=False" in message and "converted.pt" in message and "\n" not in message
     assert not marker.exists()
-    result = run_script("sample.py", "--ckpt", tmp_path / "evil.pt", "--device", DEVICE, check=False)
-    assert result.returncode != 0 and "Traceback" not in result.stderr and not marker.exists()
-    assert result.stderr.strip().startswith("sample.py: error:") and len(result.stderr.strip().splitlines()) == 1
+    with pytest.raises(ValueError, match="needs the Python global"):  # one line through run_cli, as every ValueError
+        run_main("sample.py", "--ckpt", tmp_path / "evil.pt", "--device", DEVICE)
+    assert not marker.exists()
 
 
 def test_mismatched_checkpoint_names_tensors_and_right_flags(tmp_path, trained_checkpoint):
-    result = run_script("sample.py", "--ckpt", trained_checkpoint, "--model", "DiT-Nano/4", "--image-size", "64",
-                        "--device", DEVICE, "--class-labels", "0", "--output", tmp_path / "x.png", check=False)
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "does not fit the chosen model" in result.stderr
-    assert "x_embedder.proj.weight: checkpoint (128, 4, 2, 2) vs model (128, 4, 4, 4)" in result.stderr
-    assert "--model DiT-Nano/2 --image-size 32" in result.stderr
+    with pytest.raises(ValueError) as error:
+        run_main("sample.py", "--ckpt", trained_checkpoint, "--model", "DiT-Nano/4", "--image-size", "64",
+                 "--device", DEVICE, "--class-labels", "0", "--output", tmp_path / "x.png")
+    assert "does not fit the chosen model" in str(error.value)
+    assert "x_embedder.proj.weight: checkpoint (128, 4, 2, 2) vs model (128, 4, 4, 4)" in str(error.value)
+    assert "--model DiT-Nano/2 --image-size 32" in str(error.value)
 
 
 def test_load_weights_accepts_a_matching_state_dict():
@@ -215,9 +203,8 @@ def test_sample_ddp_two_processes_and_resume(tmp_path, trained_checkpoint):
 
 
 def test_sample_ddp_rejects_guidance_below_one(tmp_path, trained_checkpoint):
-    result = run_script("sample_ddp.py", "--ckpt", trained_checkpoint, "--cfg-scale", "0.5", "--device", DEVICE,
-                        check=False)
-    assert result.returncode != 0 and "--cfg-scale must be >= 1.0" in result.stderr
+    with pytest.raises(ValueError, match="--cfg-scale must be >= 1.0"):
+        run_main("sample_ddp.py", "--ckpt", trained_checkpoint, "--cfg-scale", "0.5", "--device", DEVICE)
 
 
 # ---- download.py ----------------------------------------------------------------------------------
