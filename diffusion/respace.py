@@ -26,8 +26,9 @@ def space_timesteps(num_timesteps: int, section_counts: Union[str, Iterable[int]
             raise ValueError(f"timestep respacing {section_counts!r} is neither 'ddimN' nor a comma-separated "
                              f"list of step counts such as '250' or '10,20,30'") from None
     section_counts = list(section_counts)
-    if not section_counts or any(count < 1 for count in section_counts):
-        raise ValueError(f"every section of a respacing must keep at least one step, got {section_counts}")
+    if not section_counts or any(count < 0 for count in section_counts) or sum(section_counts) < 1:
+        raise ValueError(f"a respacing must keep at least one step and no section a negative count, "
+                         f"got {section_counts}")  # a section of 0 keeps none of its steps, as officially
     if len(section_counts) > num_timesteps:
         raise ValueError(f"cannot cut {num_timesteps} steps into {len(section_counts)} sections")
     size_per, extra = divmod(num_timesteps, len(section_counts))

@@ -44,6 +44,7 @@ def test_known_counts(spec):
 
 
 @pytest.mark.parametrize("steps,spec", [(300, "10,15,20"), (1000, "10,15,20"), (1000, "7,13"), (1000, "1,1,1"),
+                                        (1000, "10,0"), (1000, "0,5,0"),
                                         (999, "100,50,25"), (4000, "33,66,99,250")])
 def test_multi_section_specs(steps, spec):
     assert space_timesteps(steps, spec) == official.space_timesteps(steps, spec)
@@ -83,6 +84,8 @@ def test_ddim_uses_the_official_integer_stride():
     ("1001", "cannot keep 1001 steps"),
     ("600,600", "cannot keep 600 steps from a section of 500"),
     ("0", "at least one step"),
+    ("0,0", "at least one step"),
+    ("5,-1", "negative"),
     ("fast", "neither 'ddimN' nor"),
 ])
 def test_impossible_respacings_raise(spec, message):
