@@ -13,6 +13,7 @@ import signal
 import sys
 import time
 from copy import deepcopy
+from datetime import timedelta
 from glob import glob
 from pathlib import Path
 from typing import Optional
@@ -347,7 +348,8 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
             if done or at_checkpoint or train_steps % args.log_every == 0 or train_steps % HEALTH_CHECK_EVERY == 0:
                 done = check_health() or done
             if train_steps % args.log_every == 0:
-                log_metrics(logger, metrics_file, device, running_loss, log_steps, start_time, train_steps, args, opt)
+                log_metrics(logger, metrics_file, device, running_loss, log_steps, start_time, train_steps, max_steps,
+                            args, opt)
                 running_loss, log_steps, start_time = torch.zeros((), dtype=torch.float64, device=device), 0, time.time()
             evaluated = time.time()
             if args.sample_every and train_steps % args.sample_every == 0 and rank == 0:
@@ -388,8 +390,10 @@ def set_learning_rate(opt: torch.optim.Optimizer, args: argparse.Namespace, trai
         group["lr"] = args.lr * factor
 
 
-def log_metrics(logger, metrics_file, device, running_loss, log_steps, start_time, train_steps, args, opt) -> None:
-    """Loss averaged over ranks and the last log_steps steps, with throughput and peak memory."""
+def log_metrics(logger, metrics_file, device, running_loss, log_steps, start_time, train_steps, max_steps, args,
+                opt) -> None:
+    """Loss averaged over ranks and the last log_steps steps, with throughput, peak memory and the
+    training time left at this speed."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     steps_per_sec = log_steps / (time.time() - start_time)
@@ -399,8 +403,10 @@ def log_metrics(logger, metrics_file, device, running_loss, log_steps, start_tim
     record = {"step": train_steps, "loss": avg_loss, "steps_per_sec": steps_per_sec,
               "images_per_sec": steps_per_sec * args.global_batch_size, "peak_memory_mb": peak_memory_mb(device),
               "lr": opt.param_groups[0]["lr"]}
+    left = timedelta(seconds=round(max(max_steps - train_steps, 0) / steps_per_sec))
     logger.info(f"(step={train_steps:07d}) Train Loss: {avg_loss:.4f}, Train Steps/Sec: {steps_per_sec:.2f}, "
-                f"Images/Sec: {record['images_per_sec']:.1f}, Peak Memory: {record['peak_memory_mb']:.0f} MB")
+                f"Images/Sec: {record['images_per_sec']:.1f}, Peak Memory: {record['peak_memory_mb']:.0f} MB, "
+                f"Time Left: {left}")
     write_record(metrics_file, record)
 
 
