@@ -1,11 +1,13 @@
 """The MNIST demo's pipeline, end to end at a few steps (its real figures are in README)."""
 import json
 
+import pytest
 from PIL import Image
 
 from conftest import run_script
 
 
+@pytest.mark.slow  # three processes, the judge and the FID network: over a minute on 2 cores (make test-all)
 def test_demo_pipeline_runs_and_its_judge_is_trustworthy(tmp_path):
     out = tmp_path / "demo"
     result = run_script("demo/mnist.py", "--out", out, "--max-steps", "4", "--global-batch-size", "32",

@@ -93,19 +93,19 @@ def test_adm_reference_batch_statistics_win_and_its_images_give_precision_recall
 
 
 def test_cli_metrics_and_stats_from_a_folder(tmp_path, sets, features, capsys):
-    digits = np.load(sets["half_b"])["arr_0"][:20]
+    digits = np.load(sets["half_b"])["arr_0"][:10]
     folder = tmp_path / "real"
     for i, digit in enumerate(digits):
         (folder / str(i % 3)).mkdir(parents=True, exist_ok=True)
         Image.fromarray(digit, mode="L").save(folder / str(i % 3) / f"{i:03d}.png")
-    np.savez(tmp_path / "samples.npz", arr_0=np.load(sets["half_a"])["arr_0"][:20])
+    np.savez(tmp_path / "samples.npz", arr_0=np.load(sets["half_a"])["arr_0"][:10])
     inception = ["--inception", fid_network_path()]
     run_main("evaluate.py", folder, "--save-stats", tmp_path / "ref.npz", *inception)
-    assert "Wrote the statistics of 20 images" in capsys.readouterr().out
+    assert "Wrote the statistics of 10 images" in capsys.readouterr().out
     result = run_script("evaluate.py", tmp_path / "samples.npz", tmp_path / "ref.npz", *inception, "--batch-size", "8")
     lines = dict(line.split(": ", 1) for line in result.stdout.splitlines())
-    # The folder holds the first 20 of half_b (the PNG round trip is lossless), the npz the first 20 of half_a.
-    expected = evaluate.evaluate(*(evaluate.statistics(features[k]["pool3"][:20]) | {"pool3": features[k]["pool3"][:20]}
+    # The folder holds the first 10 of half_b (the PNG round trip is lossless), the npz the first 10 of half_a.
+    expected = evaluate.evaluate(*(evaluate.statistics(features[k]["pool3"][:10]) | {"pool3": features[k]["pool3"][:10]}
                                    for k in ("half_a", "half_b")))
     assert float(lines["FID"]) == pytest.approx(expected["fid"], abs=1e-3)
     assert float(lines["Precision"]) == pytest.approx(expected["precision"], abs=1e-4)
