@@ -50,7 +50,7 @@ def main() -> None:
     add_recipe_flags(parser)
     # The recipe README's ablation table was measured with (the demo's own recipe is tuned for time).
     parser.set_defaults(max_steps=3000, global_batch_size=128, lr=3e-3, warmup_steps=200, ema_decay=0.998,
-                        sample_steps=100, per_class=100, fid_reference=4000)
+                        sample_steps=100, per_class=100, fid_reference=4000, nproc=1)
     parser.add_argument("--designs", nargs="+", choices=BLOCK_DESIGNS, default=list(BLOCK_DESIGNS))
     parser.add_argument("--log-every", type=int, default=50)
     args = parser.parse_args()
