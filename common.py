@@ -43,6 +43,15 @@ def add_sampling_flags(group) -> None:
                        help="block design (default: the checkpoint's, else read from its weights)")
 
 
+def check_sampling_flags(args: argparse.Namespace, min_cfg_scale: float) -> None:
+    """The shared sampling flags' ranges, checked before any work (flags are named in the error)."""
+    require_positive(args, "num_sampling_steps")
+    if args.eta < 0:
+        raise ValueError(f"--eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like noise), got {args.eta}")
+    if args.cfg_scale < min_cfg_scale:
+        raise ValueError(f"--cfg-scale must be >= {min_cfg_scale} (1.0 turns guidance off), got {args.cfg_scale}")
+
+
 def resolve_device(choice: str) -> torch.device:
     """'auto' takes CUDA when present; 'cuda' without a GPU is an error, not a silent fallback."""
     if choice not in ("auto", "cuda", "cpu"):
@@ -167,6 +176,13 @@ def image_folder(data_path: Optional[str], image_size: int):
         return ImageFolder(data_path, transform=transform, loader=load_rgb)
     except FileNotFoundError as error:
         raise ValueError(f"--data-path {data_path} holds no images in class sub-folders ({error})") from None
+
+
+def check_image_path(path: Union[str, Path], flag: str) -> None:
+    """An output path must name an image format PIL can write, by its extension."""
+    Image.init()
+    if Path(path).suffix.lower() not in Image.EXTENSION:
+        raise ValueError(f"{flag} {path}: give a file name with an image extension such as .png or .jpg")
 
 
 def save_image_grid(images: torch.Tensor, path: Union[str, Path], nrow: int) -> Path:
@@ -391,6 +407,8 @@ def load_model_for_sampling(args, device: torch.device, default_vae: str, with_v
         if Path(args.ckpt).suffix != ".safetensors":
             checkpoint = read_checkpoint(args.ckpt)  # read once: its args and its weights
     config = resolve_model_args(args, default_vae, checkpoint_args(checkpoint))
+    if config["image_size"] < 1:
+        raise ValueError(f"--image-size must be a positive number of pixels, got {config['image_size']}")
     if config["vae"] == "none":
         channels, latent_size = 3, config["image_size"]
     elif config["image_size"] % 8:

@@ -9,17 +9,22 @@ from pathlib import Path
 
 import torch
 
-from common import (add_sampling_flags, decode, guided_batch, load_model_for_sampling, resolve_device, run_cli,
-                    run_sampler, sampling_diffusion, save_image_grid)
+from common import (add_sampling_flags, check_image_path, check_sampling_flags, decode, guided_batch,
+                    load_model_for_sampling, require_positive, resolve_device, run_cli, run_sampler, sampling_diffusion,
+                    save_image_grid)
 
 OFFICIAL_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
 
 
 @torch.no_grad()
 def main(args: argparse.Namespace) -> Path:
+    check_sampling_flags(args, min_cfg_scale=0.0)  # 0: the unconditional model; below 0 pushes away from the class
+    require_positive(args, "nrow")
+    check_image_path(args.output, "--output")
     # The official sample.py turns TF32 on for matmuls and cuDNN (a no-op before Ampere and on CPU).
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     torch.backends.cudnn.allow_tf32 = args.tf32
+    diffusion = sampling_diffusion(args.sampler, args.num_sampling_steps)  # draws nothing; refuses bad counts early
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)
     model, vae, config = load_model_for_sampling(args, device, default_vae="mse")
@@ -27,7 +32,6 @@ def main(args: argparse.Namespace) -> Path:
     bad = [label for label in labels if not 0 <= label < config["num_classes"]]
     if bad:
         raise ValueError(f"--class-labels {bad} outside [0, {config['num_classes'] - 1}]")
-    diffusion = sampling_diffusion(args.sampler, args.num_sampling_steps)
     channels, latent_size = model.in_channels, model.input_size
 
     noise = torch.randn(len(labels), channels, latent_size, latent_size, device=device)

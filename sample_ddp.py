@@ -19,8 +19,8 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from common import (add_sampling_flags, decode, distributed, guided_batch, load_model_for_sampling, require_positive,
-                    run_cli, run_sampler, sampling_diffusion, to_uint8_images)
+from common import (add_sampling_flags, check_sampling_flags, decode, distributed, guided_batch, load_model_for_sampling,
+                    require_positive, run_cli, run_sampler, sampling_diffusion, to_uint8_images)
 
 
 def readable_png(path: Path) -> bool:
@@ -65,9 +65,8 @@ def create_npz_from_sample_folder(sample_dir: Path, num: int, labels: np.ndarray
 
 
 def main(args: argparse.Namespace) -> None:
-    if args.cfg_scale < 1.0:
-        raise ValueError(f"--cfg-scale must be >= 1.0 (1.0 turns guidance off), got {args.cfg_scale}")
-    require_positive(args, "per_proc_batch_size", "num_fid_samples", "num_sampling_steps")
+    check_sampling_flags(args, min_cfg_scale=1.0)  # the official script asserts cfg-scale >= 1
+    require_positive(args, "per_proc_batch_size", "num_fid_samples")
     with distributed(args.device) as (rank, world_size, device):
         sample(args, rank, world_size, device)
 
@@ -76,12 +75,12 @@ def main(args: argparse.Namespace) -> None:
 def sample(args: argparse.Namespace, rank: int, world_size: int, device: torch.device) -> None:
     # As the official script: --tf32 sets the matmul flag only; cuDNN keeps PyTorch's default (TF32 on).
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    diffusion = sampling_diffusion(args.sampler, args.num_sampling_steps)  # draws nothing; refuses bad counts early
     seed = args.global_seed * world_size + rank
     torch.manual_seed(seed)
 
     model, vae, config = load_model_for_sampling(args, device, default_vae="ema")
     channels, latent_size = model.in_channels, model.input_size
-    diffusion = sampling_diffusion(args.sampler, args.num_sampling_steps)
 
     model_string_name = config["model"].replace("/", "-")
     ckpt_string_name = Path(args.ckpt).stem if args.ckpt else "pretrained"

@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
 from common import (LatentFeatures, atomic_torch_save, create_logger, decode, distributed, encode_posterior,
-                    forked_rng, guided_batch, image_folder, latent_shape, load_vae, require_positive, run_cli,
+                    forked_rng, guided_batch, image_folder, latent_shape, load_vae, load_weights, require_positive, run_cli,
                     run_sampler, sample_latents, sampling_diffusion, save_image_grid, to_uint8_images, vae_scale)
 from diffusion import create_diffusion
 from download import read_checkpoint
@@ -223,8 +223,8 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
             kind = "an official train.py checkpoint" if isinstance(checkpoint, dict) and "opt" in checkpoint else "not a checkpoint of this train.py"
             raise ValueError(f"--resume {checkpoint_path}: {kind}; it holds no step counter or RNG state, so it cannot "
                              f"be resumed exactly (sample from it with sample.py --ckpt, or start a new run)")
-        model.load_state_dict(checkpoint["model"])
-        ema.load_state_dict(checkpoint["ema"])
+        load_weights(model, checkpoint["model"], f"--resume {checkpoint_path}")  # a mismatch names tensors and flags
+        load_weights(ema, checkpoint["ema"], f"--resume {checkpoint_path}")
         opt.load_state_dict(checkpoint["opt"])
         scaler.load_state_dict(checkpoint["scaler"])
         train_steps, epoch, position = checkpoint["train_steps"], checkpoint["epoch"], checkpoint["position"]

@@ -1,5 +1,6 @@
 """sample.py, sample_ddp.py and download.py, offline: tiny checkpoints, a tiny VAE, a loopback server."""
 import hashlib
+import re
 from pathlib import Path
 
 import numpy as np
@@ -200,6 +201,22 @@ def test_sample_ddp_two_processes_and_resume(tmp_path, trained_checkpoint):
     again = run_script("sample_ddp.py", *args, "--device", DDP_DEVICE, nproc=2)
     assert "Kept" in again.stdout
     assert digest(npz_path) == first
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--nrow", "0"], "--nrow must be at least 1, got 0"),
+    (["--output", "outfile"], "--output outfile: give a file name with an image extension"),
+    (["--cfg-scale", "-3"], "--cfg-scale must be >= 0.0"),
+    (["--eta", "-1"], "--eta must be >= 0"),
+    (["--num-sampling-steps", "0"], "--num-sampling-steps must be at least 1, got 0"),
+    (["--num-sampling-steps", "1"], "--num-sampling-steps must be at least 2"),
+    (["--image-size", "0", "--vae", "none"], "--image-size must be a positive number of pixels, got 0"),
+])
+def test_bad_sample_flags_are_named_before_any_work(tmp_path, trained_checkpoint, flags, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        run_main("sample.py", "--ckpt", trained_checkpoint, "--device", DEVICE, "--class-labels", "0", "--output",
+                 tmp_path / "x.png", *flags)
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_sample_ddp_rejects_guidance_below_one(tmp_path, trained_checkpoint):

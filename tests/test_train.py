@@ -140,6 +140,12 @@ def test_resume_from_a_path_continues_that_experiment(tmp_path, image_folder_pat
                       load(only_experiment(tmp_path / "straight") / "checkpoints" / "0000005.pt"))
 
 
+def test_resume_from_another_models_checkpoint_names_the_mismatch(tmp_path, image_folder_path, trained_checkpoint):
+    with pytest.raises(ValueError, match=r"--resume .*0000003.pt does not fit the chosen model(.|\n)*--model DiT-Nano/2"):
+        run_main("train.py", "--data-path", image_folder_path, "--results-dir", tmp_path / "r", "--global-batch-size", "4",
+                 *PIXEL, "--resume", trained_checkpoint)
+
+
 def test_extracted_latents_give_the_same_losses_as_on_the_fly_encoding(tmp_path, image_folder_path, tiny_vae_path):
     run_script("extract_features.py", "--data-path", image_folder_path, "--features-path", tmp_path / "features",
                "--image-size", "32", "--vae", tiny_vae_path, "--batch-size", "3", "--num-workers", "0",
