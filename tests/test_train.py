@@ -61,7 +61,8 @@ def test_torchrun_two_processes(tmp_path, image_folder_path):
     assert experiment.name == "000-DiT-Nano-4"
     assert [p.name for p in (experiment / "checkpoints").iterdir()] == ["0000003.pt"]
     log = (experiment / "log.txt").read_text()
-    assert "(step=0000003) Train Loss:" in log and "2 process(es) on cpu" in log
+    assert "(step=0000003) Train Loss:" in log and f"2 process(es) on {'cpu' if DDP_DEVICE == 'cpu' else 'cuda:0'}" in log
+    assert "Time Left: 0:00:00" in log.split("(step=0000003)")[1].splitlines()[0]  # the last of 3 steps
     assert "model and EMA identical on all 2 ranks" in log  # the EMA starts from the broadcast weights
     records = metrics(experiment)
     assert [r["step"] for r in records] == [1, 2, 3]
