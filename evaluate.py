@@ -168,6 +168,10 @@ def features(network: InceptionNetwork, count: int, batches: Iterator[np.ndarray
     """Pool3 (and logits) of every batch, with the statistics of the pool3 features."""
     from tqdm import tqdm
 
+    if count < 2:  # checked before the network sees any image
+        raise ValueError(f"{source} holds {count} image(s); FID needs at least 2 for a covariance "
+                         f"(and thousands for a stable one: ADM's reference batches hold 10,000)")
+
     pool3, logits = [], []
     with tqdm(total=count, unit="img", desc=Path(source).name, disable=not progress, file=sys.stderr) as bar:
         for batch in batches:
@@ -265,7 +269,12 @@ def main(args: argparse.Namespace) -> None:
         print(f"Wrote the statistics of {len(first['pool3'])} images to {save_statistics(args.save_stats, first, network.name)}")
     if args.reference is None:
         return
-    metrics = evaluate(first, extract(network, args.reference, args.batch_size, args.image_size))
+    second = extract(network, args.reference, args.batch_size, args.image_size)
+    for name, side in ((args.inputs, first), (args.reference, second)):
+        if "pool3" in side and len(side["pool3"]) < 2048:
+            print(f"warning: {name} holds {len(side['pool3'])} images; FID from fewer than 2,048 is biased upwards "
+                  f"and not comparable with published figures (50,000 samples)", file=sys.stderr)
+    metrics = evaluate(first, second)
     print(f"Network: {network.name}")
     if "inception_score" in metrics:
         print(f"Inception Score: {metrics['inception_score']:.4f} +- {metrics['inception_score_std']:.4f}")

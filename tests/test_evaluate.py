@@ -103,6 +103,7 @@ def test_cli_metrics_and_stats_from_a_folder(tmp_path, sets, features, capsys):
     run_main("evaluate.py", folder, "--save-stats", tmp_path / "ref.npz", *inception)
     assert "Wrote the statistics of 10 images" in capsys.readouterr().out
     result = run_script("evaluate.py", tmp_path / "samples.npz", tmp_path / "ref.npz", *inception, "--batch-size", "8")
+    assert "warning: " + str(tmp_path / "samples.npz") + " holds 10 images; FID from fewer than 2,048" in result.stderr
     lines = dict(line.split(": ", 1) for line in result.stdout.splitlines())
     # The folder holds the first 10 of half_b (the PNG round trip is lossless), the npz the first 10 of half_a.
     expected = evaluate.evaluate(*(evaluate.statistics(features[k]["pool3"][:10]) | {"pool3": features[k]["pool3"][:10]}
@@ -146,6 +147,7 @@ def test_full_network_downloaded_on_first_use_gives_inception_score(tmp_path, mo
     ("mixed_sizes", "pass --image-size"),
     ("bad_network", "holds neither TorchScript nor torch-fidelity"),
     ("missing", "no such file or folder"),
+    ("one_image", "holds 1 image(s); FID needs at least 2 for a covariance"),
 ])
 def test_bad_inputs_are_one_line_errors(tmp_path, sets, case, message):
     inputs = tmp_path / "input.npz"
@@ -160,6 +162,8 @@ def test_bad_inputs_are_one_line_errors(tmp_path, sets, case, message):
             Image.fromarray(np.zeros((side, side, 3), np.uint8)).save(inputs / f"{side}.png")
     elif case == "missing":
         inputs = tmp_path / "nothing.npz"
+    elif case == "one_image":
+        np.savez(inputs, arr_0=np.zeros((1, 8, 8, 3), np.uint8))
     network = fid_network_path()
     if case == "bad_network":
         network = tmp_path / "weights.pth"
