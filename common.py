@@ -44,8 +44,8 @@ def add_sampling_flags(group) -> None:
 
 
 def check_sampling_flags(args: argparse.Namespace, min_cfg_scale: float) -> None:
-    """The shared sampling flags' ranges, checked before any work (flags are named in the error)."""
-    require_positive(args, "num_sampling_steps")
+    """The shared sampling flags' ranges, checked before any work (flags are named in the error; the
+    step count is checked where the respaced diffusion is built, sampling_diffusion)."""
     if args.eta < 0:
         raise ValueError(f"--eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like noise), got {args.eta}")
     if args.cfg_scale < min_cfg_scale:

@@ -208,7 +208,7 @@ def test_sample_ddp_two_processes_and_resume(tmp_path, trained_checkpoint):
     (["--output", "outfile"], "--output outfile: give a file name with an image extension"),
     (["--cfg-scale", "-3"], "--cfg-scale must be >= 0.0"),
     (["--eta", "-1"], "--eta must be >= 0"),
-    (["--num-sampling-steps", "0"], "--num-sampling-steps must be at least 1, got 0"),
+    (["--num-sampling-steps", "0"], "--num-sampling-steps must be at least 2 for DiT's learned-variance sampling, got 0"),
     (["--num-sampling-steps", "1"], "--num-sampling-steps must be at least 2"),
     (["--image-size", "0", "--vae", "none"], "--image-size must be a positive number of pixels, got 0"),
 ])
