@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from files import atomic_torch_save
 from models import DiT, get_2d_sincos_pos_embed
 
 
@@ -152,7 +153,7 @@ def import_command(args: argparse.Namespace) -> None:
     transformer = DiTTransformer2DModel.from_pretrained(folder)
     state_dict = from_diffusers(transformer)
     DiT(**model_kwargs_from_diffusers(transformer.config)).load_state_dict(state_dict, strict=True)
-    torch.save(state_dict, args.out)
+    atomic_torch_save(state_dict, args.out)
     print(f"Wrote {args.out} ({', '.join(f'{k}={v}' for k, v in model_kwargs_from_diffusers(transformer.config).items())})")
 
 

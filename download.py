@@ -9,13 +9,14 @@ import http.client
 import os
 import pickle
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Union
 
 import torch
+
+from files import atomic_write
 
 PRETRAINED_MODELS = {"DiT-XL-2-256x256.pt", "DiT-XL-2-512x512.pt"}
 DEFAULT_MODELS_URL = "https://dl.fbaipublicfiles.com/DiT/models"
@@ -122,7 +123,8 @@ def download_model(name: str, directory: Path = PRETRAINED_DIR) -> Path:
     """Path of an official checkpoint, fetching it first if it is not there yet.
 
     The file is streamed to a temporary name, checked (non-empty, complete, loads, has DiT's keys)
-    and only then renamed, so an interrupted or bad download never leaves a file under the final name.
+    and only then renamed (files.atomic_write), so an interrupted or bad download never leaves a
+    file under the final name.
     """
     if name not in PRETRAINED_MODELS:
         raise ValueError(f"{name!r} is not an official checkpoint: {', '.join(sorted(PRETRAINED_MODELS))}")
@@ -132,19 +134,15 @@ def download_model(name: str, directory: Path = PRETRAINED_DIR) -> Path:
         return target
     url = f"{models_url()}/{name}"
     directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".part")
-    tmp = Path(tmp_name)
     retry = (f"Retry later, set DIT_MODELS_URL to a mirror, or download {url} yourself and place it at "
              f"{target.resolve()}")
     try:
-        with os.fdopen(fd, "wb") as handle:
+        with atomic_write(target) as handle:  # the file appears under its name only once complete and checked
             fetch(url, handle)
-        check_checkpoint(tmp)
-        os.replace(tmp, target)
+            handle.flush()
+            check_checkpoint(Path(handle.name))
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as error:
         raise DownloadError(f"could not download {url}: {error}. {retry}") from error
-    finally:
-        tmp.unlink(missing_ok=True)
     return target
 
 

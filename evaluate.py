@@ -13,9 +13,7 @@ that returns pool3 features for 299x299 inputs in [-1, 1] (no logits there, so n
 """
 import argparse
 import importlib.util
-import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Iterator, Optional
@@ -29,6 +27,7 @@ from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
 
 from common import center_crop_arr, load_rgb, resolve_device, run_cli
+from files import atomic_write
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 PRECISION_RECALL_K = 3  # neighbourhood size of Kynkaanniemi et al. and ADM's evaluator
@@ -242,14 +241,9 @@ def save_statistics(path: str, features: dict, network_name: str) -> Path:
     """mu and sigma (ADM's layout) plus the pool3 features for precision/recall; written atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".npz", delete=False) as handle:
-        tmp = Path(handle.name)
-    try:
-        np.savez(tmp, mu=features["mu"], sigma=features["sigma"], pool3=features["pool3"].astype(np.float32),
+    with atomic_write(path) as handle:
+        np.savez(handle, mu=features["mu"], sigma=features["sigma"], pool3=features["pool3"].astype(np.float32),
                  network=np.array(network_name))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Subset
 
 from common import (FEATURES_META, create_logger, distributed, encode_posterior, feature_shard_names, image_folder,
                     latent_shape, load_vae, require_positive, run_cli, vae_scale)
+from files import atomic_write
 
 
 def main(args: argparse.Namespace) -> None:
@@ -77,9 +78,8 @@ def extract(args: argparse.Namespace, rank: int, world_size: int, device: torch.
             "num_images": len(dataset),
             "shards": [{"posteriors": p, "labels": l, "count": c} for (p, l), c in zip(names, counts)],
         }
-        tmp_meta = out / f".{FEATURES_META}.tmp"
-        tmp_meta.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp_meta, out / FEATURES_META)
+        with atomic_write(out / FEATURES_META) as handle:
+            handle.write(json.dumps(meta, indent=1).encode())
         logger.info(f"Wrote {len(dataset)} images' latents ({world_size} shard(s)) to {out}")
     dist.barrier()
 

@@ -1,0 +1,101 @@
+"""Writing files so that a kill, a full disk or a failed write never leaves a wrong or half file.
+
+Every file a script produces (checkpoints, sample PNGs, .npz batches, statistics, downloads) is
+written through atomic_write: to a temporary name beside it, then renamed over it in one step.
+"""
+import errno
+import os
+import re
+import secrets
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO, Iterator, Optional, Union
+
+import torch
+
+# .{final name}.{pid}-{8 hex}.tmp: the names atomic_write gives its temporary files (and, before
+# it, the mkstemp names .{final name}.{random}.tmp of earlier versions).
+TEMPORARY_NAME = re.compile(r"^\..+\.[A-Za-z0-9_-]+\.tmp$")
+
+
+@contextmanager
+def atomic_write(path: Union[str, Path], expected_bytes: Optional[int] = None) -> Iterator[BinaryIO]:
+    """A binary handle whose contents replace `path` only once they are completely written and
+    synced. The temporary file gets the permissions any new file gets (0666 less the umask) and is
+    removed if the write fails. A full disk is one OSError naming the path, the bytes needed
+    (expected_bytes, else what was written before the disk filled) and what is free."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    written = 0
+    try:
+        with open(tmp, "xb") as handle:
+            yield handle
+            written = handle.tell()
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException as error:
+        written = written or (tmp.stat().st_size if tmp.exists() else 0)
+        tmp.unlink(missing_ok=True)
+        if out_of_space(error):
+            free = shutil.disk_usage(path.parent).free
+            needed = f"{format_bytes(expected_bytes)} needed" if expected_bytes else \
+                f"more than the {format_bytes(written)} written before it filled"
+            raise OSError(errno.ENOSPC, f"cannot write {path}: No space left on device ({needed}, "
+                                        f"{format_bytes(free)} free); files already there are intact") from None
+        raise
+
+
+def out_of_space(error: BaseException) -> bool:
+    """Whether a full disk (or quota) is behind an error, however deeply it is chained: torch.save
+    reports one as a RuntimeError from its zip writer with the OSError as its context."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def atomic_torch_save(obj, path: Union[str, Path]) -> None:
+    """torch.save through atomic_write: a kill, a failure or a full disk never leaves half a file."""
+    with atomic_write(path, expected_bytes=tensor_bytes(obj)) as handle:
+        torch.save(obj, handle)
+
+
+def tensor_bytes(obj) -> int:
+    """The bytes of all tensors in a nested dict/list (about the size torch.save writes)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.untyped_storage().nbytes()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(value) for value in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(value) for value in obj)
+    return 0
+
+
+def remove_stale_temporaries(folder: Union[str, Path], older_than: float) -> tuple[int, int]:
+    """Delete the temporary files atomic_write leaves when its process is killed mid-write, if they
+    were last modified before `older_than` (a live writer keeps touching its own). Returns (files, bytes)."""
+    count = freed = 0
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0, 0
+    for path in folder.iterdir():
+        if TEMPORARY_NAME.match(path.name) and path.is_file():
+            stat = path.stat()
+            if stat.st_mtime < older_than:
+                path.unlink(missing_ok=True)
+                count, freed = count + 1, freed + stat.st_size
+    return count, freed
+
+
+def format_bytes(count: float) -> str:
+    if count < 1000:
+        return f"{int(count)} bytes"
+    for unit in ("KB", "MB", "GB", "TB"):
+        count /= 1000
+        if count < 1000 or unit == "TB":
+            return f"{count:.1f} {unit}"
