@@ -4,20 +4,24 @@ import json
 import logging
 import os
 import sys
-import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Callable, Iterator, Optional, TypeVar, Union
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
+from PIL import Image, ImageOps
 
 from diffusion import create_diffusion
-from download import DownloadError, checkpoint_args, find_model, load_state_dict, read_checkpoint, weights_in
+from download import (DownloadError, checkpoint_args, find_model, first_line, load_state_dict, read_checkpoint,
+                      weights_in)
+from files import atomic_write
 from models import BLOCK_DESIGNS, DiT_models
+
+T = TypeVar("T")
 
 # The Stable Diffusion VAEs DiT was trained with, by their short names.
 HUB_VAES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
@@ -84,6 +88,21 @@ def distributed(device_choice: str) -> Iterator[tuple[int, int, torch.device]]:
         dist.destroy_process_group()
 
 
+def rank_zero_decides(rank: int, decide: Callable[[], T]) -> T:
+    """decide() run on rank 0, its (picklable) result given to every rank; a ValueError or OSError it
+    raises is raised on every rank, so none is left waiting in a collective for a rank that stopped."""
+    outcome = [None, None]
+    if rank == 0:
+        try:
+            outcome = [decide(), None]
+        except (ValueError, OSError) as error:
+            outcome = [None, error]
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[1] is not None:
+        raise outcome[1]
+    return outcome[0]
+
+
 def forked_rng(device: torch.device):
     """A context in which the global CPU generator (and the device's, on CUDA) can be drawn from
     without the draws showing outside it: for building or running anything besides the trained DiT."""
@@ -99,9 +118,10 @@ def require_positive(args: argparse.Namespace, *flags: str) -> None:
 
 
 def create_logger(logging_dir: Optional[Union[str, Path]], rank: int) -> logging.Logger:
-    """Rank 0 logs to the terminal and to logging_dir/log.txt; other ranks stay silent."""
+    """Rank 0 logs to the terminal and to logging_dir/log.txt; other ranks stay silent. The files of
+    an earlier logger of this process are closed (close_logger)."""
     logger = logging.getLogger("DiT")
-    logger.handlers.clear()
+    close_logger(logger)
     logger.propagate = False
     if rank == 0:
         formatter = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
@@ -118,21 +138,10 @@ def create_logger(logging_dir: Optional[Union[str, Path]], rank: int) -> logging
     return logger
 
 
-# ---- files -------------------------------------------------------------------------------------
-
-def atomic_torch_save(obj, path: Union[str, Path]) -> None:
-    """torch.save to a temporary file in the same folder, then rename: a kill never leaves half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def close_logger(logger: logging.Logger) -> None:
+    for handler in list(logger.handlers):
+        handler.close()
+        logger.removeHandler(handler)
 
 
 # ---- images ------------------------------------------------------------------------------------
@@ -150,12 +159,53 @@ def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:
 
 
 def load_rgb(path: str) -> Image.Image:
-    """Open an image as RGB; a file that cannot be decoded is named in the error."""
+    """Open an image as 8-bit RGB as it is meant to be seen (to_rgb, after the EXIF orientation);
+    a file that cannot be decoded is named in the error."""
     try:
         with open(path, "rb") as handle:
-            return Image.open(handle).convert("RGB")
+            return to_rgb(ImageOps.exif_transpose(Image.open(handle)))
     except Exception as error:
         raise ValueError(f"cannot read image {path}: {error}") from error
+
+
+SIXTEEN_BIT_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB from any mode PIL opens. 16-bit grey is scaled to 8 bits (PIL's convert would clip
+    it, making mid-grey white); transparency is composited over white; palette, grey and CMYK
+    images are converted by PIL. Floating-point images have no fixed range and are refused."""
+    if image.mode in SIXTEEN_BIT_GREY:
+        grey = np.asarray(image).astype(np.int64)
+        if grey.min() < 0 or grey.max() > 65535:
+            raise ValueError(f"a {image.mode} image with values outside 16 bits ({grey.min()}..{grey.max()})")
+        image = Image.fromarray(((grey * 255 + 32767) // 65535).astype(np.uint8))
+    elif image.mode == "F":
+        raise ValueError("a floating-point (mode F) image has no fixed value range; save it with 8 or 16 bits")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("LA", "La", "PA", "RGBA", "RGBa") or (image.mode in ("L", "RGB") and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return image.convert("RGB")
+
+
+def unreadable_images(paths: list, decode: bool) -> list:
+    """'path (reason)' for every file that cannot be opened: the header only (decode=False: fast
+    enough for every run's start), or the whole image (decode=True: train.py --check-data)."""
+    def problem(path: str) -> Optional[str]:
+        try:
+            if decode:
+                load_rgb(path)
+            else:
+                with Image.open(path):
+                    pass
+            return None
+        except Exception as error:
+            return f"{path} ({first_line(error.__cause__ or error).replace(f' {path!r}', '')})"
+
+    with ThreadPoolExecutor(max_workers=8) as pool:  # file reads and PIL's decoders release the GIL
+        return [found for found in pool.map(problem, paths) if found]
 
 
 def image_folder(data_path: Optional[str], image_size: int):
@@ -191,9 +241,9 @@ def save_image_grid(images: torch.Tensor, path: Union[str, Path], nrow: int) -> 
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    save_image(images, tmp, nrow=nrow, normalize=True, value_range=(-1, 1))
-    os.replace(tmp, path)
+    with atomic_write(path) as handle:
+        save_image(images, handle, format=Image.registered_extensions()[path.suffix.lower()], nrow=nrow,
+                   normalize=True, value_range=(-1, 1))
     return path
 
 

@@ -5,12 +5,15 @@
 As the official script: per-rank seeds, image i*world + rank + total, oversampling to a multiple of
 the global batch, `arr_0` (N, H, W, 3) uint8. Also: CPU/gloo, the labels as `arr_1`, DDIM, and
 resumption: a rerun skips batches whose PNGs are all there and readable, advancing the generator
-exactly as sampling them would, so the result is byte-identical to an uninterrupted run.
+exactly as sampling them would, so the result is byte-identical to an uninterrupted run. The folder's
+meta.json records everything that determines its images; a rerun with other settings is refused
+(naming what differs) unless --overwrite, so one .npz never mixes images of two runs.
 """
 import argparse
+import hashlib
+import json
 import math
-import os
-import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +23,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from common import (add_sampling_flags, check_sampling_flags, decode, distributed, guided_batch, load_model_for_sampling,
-                    require_positive, run_cli, run_sampler, sampling_diffusion, to_uint8_images)
+                    rank_zero_decides, require_positive, run_cli, run_sampler, sampling_diffusion, to_uint8_images)
+from files import atomic_write, format_bytes, remove_stale_temporaries
+
+SAMPLES_META = "meta.json"
+# Raise when a change to the sampling code changes the images that the same settings give, so
+# folders sampled before the change are not topped up with images sampled after it.
+SAMPLER_VERSION = 1
 
 
 def readable_png(path: Path) -> bool:
@@ -33,9 +42,63 @@ def readable_png(path: Path) -> bool:
 
 
 def save_png_atomically(array: np.ndarray, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    Image.fromarray(array).save(tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as handle:
+        Image.fromarray(array).save(handle, format="PNG")
+
+
+def file_digest(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sample_settings(args: argparse.Namespace, config: dict, world_size: int, device: torch.device) -> dict:
+    """Everything that decides which image lands under which index (--num-fid-samples only decides
+    how many): the weights by content, the model, the sampler and its options, the random streams
+    (seed, world size, batch, device), TF32, and the versions of the code."""
+    vae = config["vae"] if config["vae"] in ("ema", "mse", "none") else str(Path(config["vae"]).resolve())
+    return {
+        "checkpoint_sha256": file_digest(args.ckpt) if args.ckpt else None,
+        "pretrained": None if args.ckpt else f"DiT-XL-2-{config['image_size']}x{config['image_size']}.pt",
+        "weights": args.weights, "model": config["model"], "block": config["block"],
+        "image_size": config["image_size"], "num_classes": config["num_classes"], "vae": vae,
+        "sampler": args.sampler, "num_sampling_steps": args.num_sampling_steps,
+        "eta": args.eta if args.sampler == "ddim" else None, "cfg_scale": args.cfg_scale,
+        "global_seed": args.global_seed, "world_size": world_size, "per_proc_batch_size": args.per_proc_batch_size,
+        "device": device.type, "tf32": args.tf32 if device.type == "cuda" else None,
+        "sampler_version": SAMPLER_VERSION, "torch": torch.__version__,
+    }
+
+
+def prepare_sample_folder(folder: Path, settings: dict, overwrite: bool, started: float) -> None:
+    """Make `folder` ready for images of `settings` (rank 0): refuse images made with other
+    settings (or with unknown ones), or delete them with --overwrite; record the settings before
+    the first PNG; remove temporary files left by a killed run."""
+    meta_path = folder / SAMPLES_META
+    npz_path = folder.with_name(folder.name + ".npz")
+    if overwrite:
+        for path in [*folder.glob("*.png"), meta_path, npz_path]:
+            path.unlink(missing_ok=True)
+    elif meta_path.is_file():
+        saved = json.loads(meta_path.read_text())
+        differences = [f"{key} {saved.get(key)!r} there, {value!r} now" for key, value in settings.items()
+                       if saved.get(key) != value]
+        if differences:
+            raise ValueError(f"{folder} holds images sampled with other settings ({'; '.join(differences)}); "
+                             f"rerun with --overwrite to delete them and start again, or choose another --sample-dir")
+    elif any(folder.glob("*.png")):
+        raise ValueError(f"{folder} holds PNGs but no {SAMPLES_META} saying how they were made (an earlier version or "
+                         f"another script wrote them); rerun with --overwrite to delete them, or choose another --sample-dir")
+    folder.mkdir(parents=True, exist_ok=True)
+    if not meta_path.is_file():
+        with atomic_write(meta_path) as handle:
+            handle.write(json.dumps(settings, indent=1).encode())
+    count, freed = (a + b for a, b in zip(remove_stale_temporaries(folder, started),
+                                           remove_stale_temporaries(folder.parent, started)))
+    if count:
+        print(f"Removed {count} temporary file(s) of an interrupted run ({format_bytes(freed)})")
 
 
 def skip_batch(diffusion, args, x: torch.Tensor, model_kwargs: dict, out_channels: int) -> None:
@@ -56,10 +119,8 @@ def create_npz_from_sample_folder(sample_dir: Path, num: int, labels: np.ndarray
     if samples.shape[0] != num or samples.ndim != 4 or samples.shape[3] != 3 or samples.dtype != np.uint8:
         raise RuntimeError(f"expected {num} RGB uint8 images, got an array of {samples.shape} {samples.dtype}")
     npz_path = sample_dir.with_name(sample_dir.name + ".npz")
-    fd, tmp = tempfile.mkstemp(dir=npz_path.parent, prefix=f".{npz_path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as handle:
+    with atomic_write(npz_path, expected_bytes=samples.nbytes + 8 * num) as handle:
         np.savez(handle, arr_0=samples, arr_1=labels[:num])
-    os.replace(tmp, npz_path)
     print(f"Saved .npz file to {npz_path} [arr_0 shape={samples.shape}, arr_1 shape={labels[:num].shape}]")
     return npz_path
 
@@ -75,6 +136,7 @@ def main(args: argparse.Namespace) -> None:
 def sample(args: argparse.Namespace, rank: int, world_size: int, device: torch.device) -> None:
     # As the official script: --tf32 sets the matmul flag only; cuDNN keeps PyTorch's default (TF32 on).
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    started = time.time()
     diffusion = sampling_diffusion(args.sampler, args.num_sampling_steps)  # draws nothing; refuses bad counts early
     seed = args.global_seed * world_size + rank
     torch.manual_seed(seed)
@@ -88,10 +150,10 @@ def sample(args: argparse.Namespace, rank: int, world_size: int, device: torch.d
     folder_name = (f"{model_string_name}-{ckpt_string_name}-size-{config['image_size']}-vae-{vae_name}-"
                    f"cfg-{args.cfg_scale}-seed-{args.global_seed}" + ("-ddim" if args.sampler == "ddim" else ""))
     sample_folder_dir = Path(args.sample_dir) / folder_name
+    settings = sample_settings(args, config, world_size, device) if rank == 0 else None
+    rank_zero_decides(rank, lambda: prepare_sample_folder(sample_folder_dir, settings, args.overwrite, started))
     if rank == 0:
-        sample_folder_dir.mkdir(parents=True, exist_ok=True)
         print(f"Saving .png samples at {sample_folder_dir}")
-    dist.barrier()
 
     n = args.per_proc_batch_size
     global_batch_size = n * world_size
@@ -152,6 +214,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     official.add_argument("--ckpt", type=str, default=None, help="a train.py checkpoint, a state dict or .safetensors")
     extra = parser.add_argument_group("additions")
     add_sampling_flags(extra)
+    extra.add_argument("--overwrite", action="store_true",
+                       help="delete the folder's images, meta.json and .npz first, and start again")
     return parser.parse_args(argv)
 
 

@@ -1,6 +1,9 @@
 """sample.py, sample_ddp.py and download.py, offline: tiny checkpoints, a tiny VAE, a loopback server."""
 import hashlib
+import json
+import os
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +15,6 @@ import download
 from common import guided_batch, load_weights
 import official_reference as official
 from conftest import DDP_DEVICE, DEVICE, LoopbackServer, make_image_folder, run_main, run_script
-from diffusion import create_diffusion
 from models import DiT_models
 
 pytestmark = pytest.mark.device  # on CUDA when present: see conftest.DEVICE
@@ -201,6 +203,51 @@ def test_sample_ddp_two_processes_and_resume(tmp_path, trained_checkpoint):
     again = run_script("sample_ddp.py", *args, "--device", DDP_DEVICE, nproc=2)
     assert "Kept" in again.stdout
     assert digest(npz_path) == first
+
+
+def test_sample_ddp_never_mixes_images_of_different_settings(tmp_path, trained_checkpoint, capsys):
+    samples = tmp_path / "samples"
+    args = ["--sample-dir", samples, "--per-proc-batch-size", "2", "--num-fid-samples", "2",
+            "--num-sampling-steps", "4", "--device", DEVICE]
+    run_main("sample_ddp.py", "--ckpt", trained_checkpoint, *args)
+    folder = next(p for p in samples.iterdir() if p.is_dir())
+    npz_path = folder.with_name(folder.name + ".npz")
+    first = digest(npz_path)
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["checkpoint_sha256"] == digest(trained_checkpoint)
+    assert (meta["num_sampling_steps"], meta["world_size"], meta["per_proc_batch_size"]) == (4, 1, 2)
+
+    # Other settings, or other weights under the same file name, are refused and name what differs.
+    with pytest.raises(ValueError, match=r"other settings \(num_sampling_steps 4 there, 5 now\); rerun with --overwrite"):
+        run_main("sample_ddp.py", "--ckpt", trained_checkpoint, *args, "--num-sampling-steps", "5")
+    other = tmp_path / "other" / trained_checkpoint.name
+    other.parent.mkdir()
+    checkpoint = torch.load(trained_checkpoint, weights_only=True)
+    checkpoint["ema"]["final_layer.linear.bias"] += 0.1
+    torch.save(checkpoint, other)
+    with pytest.raises(ValueError, match=r"other settings \(checkpoint_sha256 '[0-9a-f]{64}' there, '[0-9a-f]{64}' now\)"):
+        run_main("sample_ddp.py", "--ckpt", other, *args)
+    assert digest(npz_path) == first and len(list(folder.glob("*.png"))) == 2
+
+    # The same settings resume; a killed write's temporary file is removed and reported.
+    stale = folder / ".000001.png.4242-0123abcd.tmp"
+    stale.write_bytes(b"x" * 1000)
+    os.utime(stale, (time.time() - 60, time.time() - 60))
+    capsys.readouterr()
+    run_main("sample_ddp.py", "--ckpt", trained_checkpoint, *args)
+    out = capsys.readouterr().out
+    assert "Removed 1 temporary file(s) of an interrupted run (1.0 KB)" in out and "Kept 2 existing samples" in out
+    assert not stale.exists() and digest(npz_path) == first
+
+    # --overwrite starts clean with the new weights.
+    run_main("sample_ddp.py", "--ckpt", other, *args, "--overwrite")
+    assert digest(npz_path) != first
+    assert json.loads((folder / "meta.json").read_text())["checkpoint_sha256"] == digest(other)
+
+    # PNGs of unknown origin (no meta.json) are not topped up.
+    (folder / "meta.json").unlink()
+    with pytest.raises(ValueError, match="holds PNGs but no meta.json"):
+        run_main("sample_ddp.py", "--ckpt", other, *args)
 
 
 @pytest.mark.parametrize("flags,message", [
