@@ -5,6 +5,8 @@ Does what the official script does (same flags and defaults), and adds: CPU/gloo
 mixed precision, gradient checkpointing, torch.compile, warm-up, clipping, sample grids, metrics.
 """
 import argparse
+import errno
+import fcntl
 import json
 import math
 import random
@@ -12,6 +14,7 @@ import resource
 import signal
 import sys
 import time
+from contextlib import ExitStack
 from copy import deepcopy
 from datetime import timedelta
 from glob import glob
@@ -24,12 +27,14 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
-from common import (LatentFeatures, atomic_torch_save, create_logger, decode, distributed, encode_posterior,
-                    forked_rng, guided_batch, image_folder, latent_shape, load_vae, load_weights, require_positive, run_cli,
-                    run_sampler, sample_latents, sampling_diffusion, save_image_grid, to_uint8_images, vae_scale)
+from common import (LatentFeatures, close_logger, create_logger, decode, distributed, encode_posterior, forked_rng,
+                    guided_batch, image_folder, latent_shape, load_vae, load_weights, rank_zero_decides, require_positive,
+                    run_cli, run_sampler, sample_latents, sampling_diffusion, save_image_grid, to_uint8_images,
+                    unreadable_images, vae_scale)
 from diffusion import create_diffusion
 from download import read_checkpoint
 from evaluate import InceptionNetwork, as_uint8_nchw, check_statistics, frechet_distance, read_npz, statistics
+from files import atomic_torch_save, format_bytes, remove_stale_temporaries
 from models import BLOCK_DESIGNS, DiT_models
 
 
@@ -85,21 +90,122 @@ def set_rng_state(state: dict, device: torch.device) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
-def find_experiment(results_dir: str, model_name: str, resume: Optional[str]) -> tuple[Optional[Path], Optional[Path]]:
-    """(experiment folder to continue, checkpoint to load) for --resume; (None, None) starts afresh."""
-    if resume is None:
-        return None, None
-    if resume == "auto":
-        suffix = "-" + model_name.replace("/", "-")
-        for folder in sorted(Path(results_dir).glob(f"*{suffix}"), reverse=True):
-            checkpoints = sorted((folder / "checkpoints").glob("*.pt"))
-            if checkpoints:
-                return folder, checkpoints[-1]
-        return None, None
-    path = Path(resume)
-    if not path.is_file():
-        raise ValueError(f"--resume {resume}: no such checkpoint file")
-    return (path.parent.parent if path.parent.name == "checkpoints" else None), path
+# Flags a resumed run may change (each change is logged): how long it runs, and how often and how
+# it logs, saves, samples and evaluates. The FIXED ones define the model and its inputs; any other
+# change needs --allow-changed-args. The ones in NOT_COMPARED say where and how to resume.
+FREE_TO_CHANGE = {"max_steps", "epochs", "log_every", "ckpt_every", "num_workers", "sample_every", "sample_steps",
+                  "sample_cfg_scale", "sample_grid_size", "fid_every", "fid_ref", "fid_samples", "fid_steps",
+                  "fid_cfg_scale", "inception"}
+FIXED = ("model", "block", "image_size", "num_classes", "vae", "feature_path")
+NOT_COMPARED = {"resume", "results_dir", "allow_changed_args", "check_data"}
+
+
+def changed_args(saved: dict, args: argparse.Namespace) -> tuple[list, list, list]:
+    """(fixed, free, other) flags whose value differs from the saved run's, as '--flag old -> new'.
+    Flags the checkpoint does not record (an older version) are not compared; with --feature-path
+    the latents decide the VAE."""
+    current = vars(args)
+    ignored = NOT_COMPARED | ({"vae"} if current.get("feature_path") is not None else set())
+    fixed, free, other = [], [], []
+    for key in sorted(saved.keys() & current.keys() - ignored):
+        if saved[key] != current[key]:
+            change = f"--{key.replace('_', '-')} {saved[key]} -> {current[key]}"
+            (fixed if key in FIXED else free if key in FREE_TO_CHANGE else other).append(change)
+    return fixed, free, other
+
+
+def resume_point(args: argparse.Namespace) -> tuple[Optional[Path], Optional[dict], list]:
+    """(checkpoint path, its contents, lines for the log) for --resume, or (None, None, []) to start
+    afresh. 'auto' takes the newest experiment of this model that has checkpoints and its newest
+    readable checkpoint: an unreadable one is moved aside as NAME.corrupt and the one before it is
+    tried. The saved flags are compared with these (changed_args). Runs on rank 0 only."""
+    if args.resume is None:
+        return None, None, []
+    notes = []
+    if args.resume == "auto":
+        suffix = "-" + args.model.replace("/", "-")
+        folders = [f for f in sorted(Path(args.results_dir).glob(f"*{suffix}"), reverse=True)
+                   if any((f / "checkpoints").glob("*.pt"))]
+        if not folders:
+            return None, None, [f"--resume auto: no checkpoint of {args.model} in {args.results_dir}; starting afresh"]
+        path = checkpoint = None
+        for candidate in sorted((folders[0] / "checkpoints").glob("*.pt"), reverse=True):
+            try:
+                checkpoint, path = read_checkpoint(candidate), candidate
+                break
+            except ValueError as error:  # truncated, overwritten, not a checkpoint at all
+                aside = candidate.with_name(candidate.name + ".corrupt")
+                candidate.rename(aside)
+                notes.append(f"{error}; moved it aside to {aside.name}, trying the checkpoint before it")
+        if path is None:
+            raise ValueError(f"--resume auto: no checkpoint in {folders[0] / 'checkpoints'} can be read "
+                             f"({'; '.join(notes)})")
+    else:
+        path = Path(args.resume)
+        if not path.is_file():
+            raise ValueError(f"--resume {args.resume}: no such checkpoint file")
+        checkpoint = read_checkpoint(path)  # a damaged or foreign file is a ValueError naming it
+    check_resumable(checkpoint, path)
+    fixed, free, other = changed_args(checkpoint["args"], args)
+    if fixed:
+        raise ValueError(f"--resume {path}: the run was started with other values of flags that define the model "
+                         f"and its data ({'; '.join(fixed)}); start a new run for these")
+    if other and not args.allow_changed_args:
+        raise ValueError(f"--resume {path}: flags differ from the run's ({'; '.join(other)}); pass the run's values, "
+                         f"or --allow-changed-args to continue it with the new ones")
+    if free or other:
+        notes.append(f"Continuing with changed flags: {'; '.join(free + other)}")
+    return path, checkpoint, notes
+
+
+def check_resumable(checkpoint, path: Path) -> None:
+    """Only a checkpoint of this train.py holds what an exact resume needs."""
+    if not isinstance(checkpoint, dict) or "train_steps" not in checkpoint or "rng" not in checkpoint:
+        kind = "an official train.py checkpoint" if isinstance(checkpoint, dict) and "opt" in checkpoint else "not a checkpoint of this train.py"
+        raise ValueError(f"--resume {path}: {kind}; it holds no step counter or RNG state, so it cannot "
+                         f"be resumed exactly (sample from it with sample.py --ckpt, or start a new run)")
+
+
+def claim_experiment(args: argparse.Namespace, resumed: Optional[Path], scope: ExitStack) -> tuple[Path, list]:
+    """(the folder this run writes into, lines for the log), locked until the run ends (rank 0).
+    A resumed run continues its checkpoint's experiment; a new one reuses the newest folder of its
+    model if that run died before its first checkpoint, else takes the next number."""
+    if resumed is not None and resumed.parent.name == "checkpoints":
+        folder = resumed.parent.parent
+        if not lock_experiment(folder, scope):
+            raise ValueError(f"--resume: {folder} is in use by another run that is still alive (it holds "
+                             f"{folder / '.lock'}); stop that run first")
+        return folder, []
+    root = Path(args.results_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    suffix = "-" + args.model.replace("/", "-")
+    newest = max(root.glob(f"*{suffix}"), default=None)
+    if newest is not None and not any(not p.name.startswith(".") for p in (newest / "checkpoints").glob("*")) \
+            and lock_experiment(newest, scope):
+        return newest, [f"Reusing {newest}: the run that made it stopped before writing a checkpoint"]
+    index = len(glob(f"{root}/*"))  # the official numbering; a taken number (a folder was deleted, or a
+    while True:                      # run starting beside this one took it) moves on to the next
+        folder = root / f"{index:03d}{suffix}"
+        index += 1
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        if lock_experiment(folder, scope):
+            return folder, []
+
+
+def lock_experiment(folder: Path, scope: ExitStack) -> bool:
+    """Hold an exclusive lock on folder/.lock for as long as `scope` lasts; False if a live process
+    holds it. The OS drops the lock when its holder dies, kill -9 included. On a file system
+    without locks the folder is taken unlocked."""
+    handle = scope.enter_context(open(folder / ".lock", "a"))
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        if error.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            return False
+    return True
 
 
 @torch.no_grad()
@@ -129,6 +235,16 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def check_image_files(paths: list, decode: bool, rank: int, world_size: int) -> None:
+    """Every rank opens its share of the image files (headers only, or in full with --check-data);
+    any unreadable one stops every rank with one line naming them all, before training starts."""
+    found = [None] * world_size
+    dist.all_gather_object(found, unreadable_images(paths[rank::world_size], decode))
+    bad = sorted(name for part in found for name in part)
+    if bad:
+        raise ValueError(f"{len(bad)} of the {len(paths):,} images under --data-path cannot be read: {'; '.join(bad)}")
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Everything that can be wrong with the command line, found before any work starts."""
     if args.model not in DiT_models:
@@ -151,20 +267,32 @@ def check_args(args: argparse.Namespace) -> None:
 
 def main(args: argparse.Namespace) -> None:
     check_args(args)
-    with distributed(args.device) as (rank, world_size, device):
-        train(args, rank, world_size, device)
+    with distributed(args.device) as (rank, world_size, device), ExitStack() as scope:
+        train(args, rank, world_size, device, scope)
 
 
-def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.device) -> None:
+def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.device, scope: ExitStack) -> None:
+    """The run; what it must hold until it ends (the experiment's lock) is entered into scope."""
     if args.global_batch_size % world_size:
         raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by the world size {world_size}")
     local_batch = args.global_batch_size // world_size
+    started = time.time()
     torch.backends.cuda.matmul.allow_tf32 = args.tf32  # TF32 is on by default, as in the official script
     torch.backends.cudnn.allow_tf32 = args.tf32
     seed = args.global_seed * world_size + rank
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
+
+    # What to resume: decided first, so a damaged checkpoint or a changed flag is reported at once.
+    loaded = {}
+
+    def choose_checkpoint():
+        path, loaded["checkpoint"], notes = resume_point(args)
+        return path, notes
+
+    checkpoint_path, resume_notes = rank_zero_decides(rank, choose_checkpoint)
+    checkpoint = loaded.get("checkpoint") if rank == 0 or checkpoint_path is None else read_checkpoint(checkpoint_path)
 
     # Data, VAE and model geometry: every error here comes before any training work. Nothing built
     # here draws from the training generators, so the DiT's initialisation is the official one (the
@@ -179,6 +307,11 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
             scale = dataset.scale
         else:
             dataset = image_folder(args.data_path, args.image_size)
+            check_image_files([path for path, _ in dataset.samples], args.check_data, rank, world_size)
+            if args.check_data:
+                if rank == 0:
+                    print(f"--check-data: all {len(dataset):,} images under {args.data_path} decode")
+                return
             if len(dataset.classes) > args.num_classes:
                 raise ValueError(f"--data-path has {len(dataset.classes)} class folders but --num-classes is {args.num_classes}")
             vae = load_vae(args.vae, device)
@@ -199,30 +332,24 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
     scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
     diffusion = create_diffusion(timestep_respacing="")
 
-    # Experiment folder (rank 0 decides, everyone learns it) and what to resume from.
-    experiment_dir, checkpoint_path = find_experiment(args.results_dir, args.model, args.resume)
-    if rank == 0 and experiment_dir is None:
-        Path(args.results_dir).mkdir(parents=True, exist_ok=True)
-        index = len(glob(f"{args.results_dir}/*"))
-        experiment_dir = Path(args.results_dir) / f"{index:03d}-{args.model.replace('/', '-')}"
-    shared = [str(experiment_dir) if experiment_dir else None]
-    dist.broadcast_object_list(shared, src=0)
-    experiment_dir = Path(shared[0])
+    # The experiment folder is claimed (created, or reused) only now that everything has been checked.
+    experiment_dir, claim_notes = rank_zero_decides(rank, lambda: claim_experiment(args, checkpoint_path, scope))
     checkpoint_dir = experiment_dir / "checkpoints"
     if rank == 0:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        removed, freed = remove_stale_temporaries(checkpoint_dir, older_than=started)
     dist.barrier()
     logger = create_logger(experiment_dir, rank)
+    scope.callback(close_logger, logger)
     logger.info(f"Experiment directory created at {experiment_dir}")
+    for note in resume_notes + claim_notes:
+        logger.info(note)
+    if rank == 0 and removed:
+        logger.info(f"Removed {removed} temporary file(s) of an interrupted checkpoint write ({format_bytes(freed)})")
     logger.info(f"DiT Parameters: {sum(p.numel() for p in model.parameters()):,}")
 
     train_steps, epoch, position = 0, 0, 0
-    if checkpoint_path is not None:
-        checkpoint = read_checkpoint(checkpoint_path)
-        if not isinstance(checkpoint, dict) or "train_steps" not in checkpoint or "rng" not in checkpoint:
-            kind = "an official train.py checkpoint" if isinstance(checkpoint, dict) and "opt" in checkpoint else "not a checkpoint of this train.py"
-            raise ValueError(f"--resume {checkpoint_path}: {kind}; it holds no step counter or RNG state, so it cannot "
-                             f"be resumed exactly (sample from it with sample.py --ckpt, or start a new run)")
+    if checkpoint is not None:
         load_weights(model, checkpoint["model"], f"--resume {checkpoint_path}")  # a mismatch names tensors and flags
         load_weights(ema, checkpoint["ema"], f"--resume {checkpoint_path}")
         opt.load_state_dict(checkpoint["opt"])
@@ -234,6 +361,7 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
             logger.info(f"Checkpoint came from {len(checkpoint['rng'])} processes, not {world_size}: "
                         f"continuing with fresh per-rank seeds (the run will not repeat bit for bit)")
         logger.info(f"Resumed from {checkpoint_path} at step {train_steps} (epoch {epoch}, batch {position})")
+        del checkpoint, loaded
 
     ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     if checkpoint_path is None:
@@ -280,7 +408,7 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
 
     previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     sample_noise, sample_labels = fixed_sample_inputs(args, channels, latent_size, device)
-    metrics_file = open(experiment_dir / "metrics.jsonl", "a") if rank == 0 else None
+    metrics_file = scope.enter_context(open(experiment_dir / "metrics.jsonl", "a")) if rank == 0 else None
     max_steps = args.max_steps if args.max_steps is not None else args.epochs * steps_per_epoch
     progress = make_progress_bar(rank, train_steps, max_steps)
     model.train()
@@ -377,8 +505,6 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
         signal.signal(signum, handler)
     if progress is not None:
         progress.close()
-    if metrics_file is not None:
-        metrics_file.close()
     model.eval()
     logger.info("Done!")
 
@@ -413,8 +539,11 @@ def log_metrics(logger, metrics_file, device, running_loss, log_steps, start_tim
 def write_record(metrics_file, record: dict) -> None:
     """One JSON line in metrics.jsonl (rank 0 only; others pass None)."""
     if metrics_file is not None:
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
+        try:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+        except OSError as error:  # a full disk shows here first: name the file
+            raise OSError(error.errno, f"cannot write {metrics_file.name}: {error.strerror}") from None
 
 
 def make_progress_bar(rank: int, initial: int, total: int):
@@ -515,6 +644,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     extra.add_argument("--no-tf32", dest="tf32", action="store_false", help="disable TF32 matmuls on Ampere+ GPUs")
     extra.add_argument("--feature-path", type=str, default=None, help="latents written by extract_features.py")
     extra.add_argument("--resume", type=str, default=None, help="checkpoint path, or 'auto' for the latest one")
+    extra.add_argument("--allow-changed-args", action="store_true",
+                       help="resume although flags other than run length, logging and monitoring changed")
+    extra.add_argument("--check-data", action="store_true", help="decode every image of --data-path, report, and exit")
     extra.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in total")
     extra.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
     extra.add_argument("--grad-checkpointing", action="store_true")

@@ -1,17 +1,21 @@
 """train.py and extract_features.py end to end on CPU: DDP, resume, latents, errors, reliability."""
+import errno
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from common import atomic_torch_save
+from files import atomic_torch_save
 from conftest import DDP_DEVICE, DEVICE, ROOT, make_image_folder, run_main, run_script
 
 pytestmark = pytest.mark.device  # on CUDA when present: see conftest.DEVICE
@@ -142,7 +146,9 @@ def test_resume_from_a_path_continues_that_experiment(tmp_path, image_folder_pat
 
 
 def test_resume_from_another_models_checkpoint_names_the_mismatch(tmp_path, image_folder_path, trained_checkpoint):
-    with pytest.raises(ValueError, match=r"--resume .*0000003.pt does not fit the chosen model(.|\n)*--model DiT-Nano/2"):
+    with pytest.raises(ValueError, match=r"--resume .*0000003.pt: the run was started with other values of flags that "
+                                         r"define the model and its data \(--image-size 32 -> 16; --model DiT-Nano/2 -> "
+                                         r"DiT-Nano/4; --vae .*tiny-vae -> none\); start a new run"):
         run_main("train.py", "--data-path", image_folder_path, "--results-dir", tmp_path / "r", "--global-batch-size", "4",
                  *PIXEL, "--resume", trained_checkpoint)
 
@@ -316,15 +322,57 @@ def test_batch_not_divisible_by_world_size(tmp_path, image_folder_path):
     args = train.parse_args([str(a) for a in ("--data-path", image_folder_path, "--results-dir", tmp_path / "r",
                                               "--global-batch-size", "5", *PIXEL)])
     with pytest.raises(ValueError, match="--global-batch-size 5 is not divisible by the world size 2"):
-        train.train(args, rank=1, world_size=2, device=torch.device("cpu"))  # refused before any collective
+        train.train(args, rank=1, world_size=2, device=torch.device("cpu"), scope=ExitStack())  # before any collective
 
 
-def test_unreadable_image_is_named(tmp_path, image_folder_path):
-    broken = image_folder_path / "class_1" / "005.png"
-    broken.write_bytes(b"not a png")
-    with pytest.raises(ValueError, match=re.escape(f"cannot read image {broken}")):
-        run_main("train.py", "--data-path", image_folder_path, "--results-dir", tmp_path / "r",
-                 "--global-batch-size", "16", "--max-steps", "1", *PIXEL)
+def test_unreadable_images_are_all_named_before_training(tmp_path, image_folder_path, capsys):
+    args = ["--data-path", image_folder_path, "--results-dir", tmp_path / "r", "--global-batch-size", "16",
+            "--max-steps", "1", *PIXEL]
+    run_main("train.py", *args, "--check-data")
+    assert "--check-data: all 16 images under" in capsys.readouterr().out
+    garbage, truncated = image_folder_path / "class_1" / "005.png", image_folder_path / "class_0" / "002.png"
+    garbage.write_bytes(b"not a png")
+    truncated.write_bytes(truncated.read_bytes()[:200])  # a valid header: only decoding finds it
+    with pytest.raises(ValueError, match=re.escape(f"1 of the 16 images under --data-path cannot be read: {garbage} "
+                                                   f"(cannot identify image file)")):
+        run_main("train.py", *args)
+    with pytest.raises(ValueError, match=re.escape(f"2 of the 16 images under --data-path cannot be read: {truncated} (")):
+        run_main("train.py", *args, "--check-data")
+    assert not (tmp_path / "r").exists()  # nothing was created for a run that never started
+
+
+def test_images_of_every_mode_become_the_rgb_they_show(tmp_path):
+    from PIL import Image
+
+    from common import load_rgb
+
+    def saved(image, name, **kwargs):
+        image.save(tmp_path / name, **kwargs)
+        return np.asarray(load_rgb(str(tmp_path / name))).astype(int)
+
+    grey16 = Image.fromarray(np.full((4, 6), 32768, np.uint16))  # 50% grey, 16 bits
+    assert grey16.mode == "I;16" and (saved(grey16, "g16.png") == 128).all()  # PIL's convert("RGB") gives 255
+    palette = Image.new("P", (4, 4), 0)
+    palette.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    palette.putpixel((1, 1), 1)
+    rgb = saved(palette, "p.png")
+    assert rgb[0, 0].tolist() == [255, 0, 0] and rgb[1, 1].tolist() == [0, 0, 255]
+    assert saved(palette, "pt.png", transparency=1)[1, 1].tolist() == [255, 255, 255]  # transparent: over white
+    assert np.abs(saved(Image.new("CMYK", (4, 4), (0, 255, 255, 0)), "c.jpg")[0, 0] - [255, 0, 0]).max() <= 2
+    assert saved(Image.new("LA", (4, 4), (0, 0)), "la.png")[0, 0].tolist() == [255, 255, 255]
+    assert saved(Image.new("RGBA", (4, 4), (0, 0, 200, 255)), "rgba.png")[0, 0].tolist() == [0, 0, 200]
+    half = saved(Image.new("RGBA", (4, 4), (0, 0, 0, 128)), "half.png")[0, 0]
+    assert half.tolist() == [127, 127, 127]
+    # EXIF orientation 6 (the camera was turned; viewers rotate 90 degrees clockwise): 6x4 shows as 4x6.
+    photo = Image.new("RGB", (6, 4), (0, 0, 0))
+    photo.putpixel((0, 0), (255, 255, 255))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    upright = saved(photo, "exif.png", exif=exif)
+    assert upright.shape == (6, 4, 3) and upright[0, 3].tolist() == [255, 255, 255]
+    Image.new("F", (2, 2)).save(tmp_path / "float.tif")
+    with pytest.raises(ValueError, match="mode F"):  # no fixed range to scale from
+        load_rgb(str(tmp_path / "float.tif"))
 
 
 def test_interrupted_checkpoint_write_keeps_the_previous_file(tmp_path):
@@ -379,3 +427,137 @@ def test_cuda_without_a_gpu_is_an_error_not_a_fallback():
         with pytest.raises(ValueError, match="--device cuda was asked for"):
             resolve_device("cuda")
     assert resolve_device("cpu").type == "cpu"
+
+
+# ---- reliability: damaged checkpoints, changed flags, leftovers, full disks ---------------------------
+
+def test_damaged_checkpoint_is_moved_aside_and_the_one_before_resumed(tmp_path, image_folder_path):
+    args = ["--data-path", image_folder_path, "--global-batch-size", "4", "--log-every", "100", "--ckpt-every", "1",
+            *PIXEL]
+    run_main("train.py", *args, "--results-dir", tmp_path / "straight", "--max-steps", "3")
+    results = ["--results-dir", tmp_path / "results"]
+    run_main("train.py", *args, *results, "--max-steps", "2")
+    checkpoints = only_experiment(tmp_path / "results") / "checkpoints"
+    (checkpoints / "0000002.pt").write_bytes((checkpoints / "0000002.pt").read_bytes()[:5000])  # killed mid-copy
+    with pytest.raises(ValueError, match=re.escape(f"{checkpoints / '0000002.pt'} is not a readable PyTorch checkpoint")):
+        run_main("train.py", *args, *results, "--max-steps", "3", "--resume", checkpoints / "0000002.pt")
+    run_main("train.py", *args, *results, "--max-steps", "3", "--resume", "auto")
+    log = (checkpoints.parent / "log.txt").read_text()
+    assert "0000002.pt is not a readable PyTorch checkpoint" in log
+    assert "moved it aside to 0000002.pt.corrupt, trying the checkpoint before it" in log
+    assert "Resumed from" in log and "0000001.pt at step 1" in log
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["0000001.pt", "0000002.pt", "0000002.pt.corrupt",
+                                                             "0000003.pt"]
+    assert_same_state(load(checkpoints / "0000003.pt"),
+                      load(only_experiment(tmp_path / "straight") / "checkpoints" / "0000003.pt"))
+    for name in ("0000001.pt", "0000002.pt", "0000003.pt"):
+        (checkpoints / name).write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="--resume auto: no checkpoint in .*checkpoints can be read"):
+        run_main("train.py", *args, *results, "--max-steps", "4", "--resume", "auto")
+
+
+def test_resume_compares_the_saved_flags(tmp_path, image_folder_path):
+    args = ["--data-path", image_folder_path, "--results-dir", tmp_path / "results", "--global-batch-size", "4",
+            "--ckpt-every", "1", *PIXEL]
+    run_main("train.py", *args, "--max-steps", "1")
+    resume = [*args, "--resume", "auto"]
+    with pytest.raises(ValueError, match=r"flags that define the model and its data \(--image-size 16 -> 24\)"):
+        run_main("train.py", *resume, "--image-size", "24")
+    with pytest.raises(ValueError, match=r"flags differ from the run's \(--ema-decay 0.9999 -> 0.99; --lr 0.0001 -> "
+                                         r"0.001\); pass the run's values, or --allow-changed-args"):
+        run_main("train.py", *resume, "--lr", "1e-3", "--ema-decay", "0.99")
+    run_main("train.py", *resume, "--max-steps", "2", "--log-every", "1")
+    experiment = only_experiment(tmp_path / "results")
+    assert "Continuing with changed flags: --log-every 100 -> 1; --max-steps 1 -> 2" in (experiment / "log.txt").read_text()
+    run_main("train.py", *resume, "--max-steps", "3", "--log-every", "1", "--lr", "1e-3", "--allow-changed-args")
+    assert "Continuing with changed flags: --max-steps 2 -> 3; --lr 0.0001 -> 0.001" in (experiment / "log.txt").read_text()
+    assert load(experiment / "checkpoints" / "0000003.pt")["args"]["lr"] == 1e-3
+    assert [r["lr"] for r in metrics(experiment)] == [1e-4, 1e-3]
+
+
+def test_leftovers_of_killed_runs_are_cleaned_and_reused(tmp_path, image_folder_path):
+    import fcntl
+    results = tmp_path / "results"
+    args = ["--data-path", image_folder_path, "--results-dir", results, "--global-batch-size", "4", "--max-steps", "1",
+            *PIXEL]
+    # A run killed before its first checkpoint leaves a folder with a log and no checkpoint: the next run reuses it.
+    dead = results / "000-DiT-Nano-4"
+    (dead / "checkpoints").mkdir(parents=True)
+    (dead / "log.txt").write_text("[2026-11-23 10:00:00] Experiment directory created at ...\n")
+    stale = dead / "checkpoints" / ".0000005.pt.4242-0123abcd.tmp"
+    stale.write_bytes(b"x" * 523_000)
+    os.utime(stale, (time.time() - 600, time.time() - 600))
+    old_umask = os.umask(0o002)
+    try:
+        run_main("train.py", *args)
+    finally:
+        os.umask(old_umask)
+    log = (dead / "log.txt").read_text()
+    assert f"Reusing {dead}: the run that made it stopped before writing a checkpoint" in log
+    assert "Removed 1 temporary file(s) of an interrupted checkpoint write (523.0 KB)" in log
+    assert sorted(p.name for p in (dead / "checkpoints").iterdir()) == ["0000001.pt"]
+    assert (dead / "checkpoints" / "0000001.pt").stat().st_mode & 0o777 == 0o664  # the umask's, as every file
+    assert (dead / "log.txt").read_text().startswith("[2026-11-23 10:00:00]")  # appended to, not replaced
+
+    # A folder whose run is alive (it holds the lock) is never reused or resumed into.
+    live = results / "001-DiT-Nano-4"
+    live.mkdir()
+    with open(live / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        run_main("train.py", *args)
+        assert (results / "002-DiT-Nano-4" / "checkpoints" / "0000001.pt").is_file()
+        assert sorted(p.name for p in live.iterdir()) == [".lock"]
+        (live / "checkpoints").mkdir()
+        atomic_torch_save(load(dead / "checkpoints" / "0000001.pt"), live / "checkpoints" / "0000001.pt")
+        with pytest.raises(ValueError, match=f"--resume: {live} is in use by another run that is still alive"):
+            run_main("train.py", *args, "--resume", live / "checkpoints" / "0000001.pt", "--max-steps", "2")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 32 MB tmpfs where the OS lets this process mount one (root on Linux), else None."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mount)], capture_output=True)
+    yield mount if made.returncode == 0 else None
+    if made.returncode == 0:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_full_disk_is_one_line_and_keeps_the_checkpoints(tmp_path, image_folder_path, small_disk, monkeypatch):
+    results = (small_disk or tmp_path) / "results"
+    args = ["--data-path", image_folder_path, "--results-dir", results, "--global-batch-size", "4", "--ckpt-every", "1",
+            "--log-every", "100", *PIXEL]
+    run_main("train.py", *args, "--max-steps", "1")
+    checkpoints = only_experiment(results) / "checkpoints"
+    if small_disk is not None:  # fill the disk to 100 KB short of full
+        with open(small_disk / "filler", "wb") as filler:
+            filler.write(b"\0" * (shutil.disk_usage(small_disk).free - 100_000))
+    else:  # no tmpfs: writes into the folder fail as a full disk does
+        import files
+        real_open = open
+
+        class FullDisk:
+            def __init__(self, handle):
+                self.handle = handle
+
+            def write(self, data):
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+            def __getattr__(self, name):
+                return getattr(self.handle, name)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self.handle.close()
+
+        monkeypatch.setattr(files, "open", lambda path, mode: FullDisk(real_open(path, mode)), raising=False)
+    with pytest.raises(OSError) as error:
+        run_main("train.py", *args, "--max-steps", "2", "--resume", "auto")
+    message = str(error.value)
+    assert re.fullmatch(rf"\[Errno 28\] cannot write {re.escape(str(checkpoints / '0000002.pt'))}: No space left on "
+                        rf"device \(20\.\d MB needed, [\d.]+ (KB|MB|GB) free\); files already there are intact", message)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["0000001.pt"]  # no temporary file left behind
+    assert load(checkpoints / "0000001.pt")["train_steps"] == 1
