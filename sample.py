@@ -36,7 +36,8 @@ def main(args: argparse.Namespace) -> Path:
 
     noise = torch.randn(len(labels), channels, latent_size, latent_size, device=device)
     y = torch.tensor(labels, device=device)
-    x, model_fn, model_kwargs = guided_batch(noise, y, config["num_classes"], args.cfg_scale, model, guided=True)
+    x, model_fn, model_kwargs = guided_batch(noise, y, config["num_classes"], args.cfg_scale, model, guided=True,
+                                          interval=args.cfg_interval)
     samples = run_sampler(diffusion, args.sampler, model_fn, x, model_kwargs, eta=args.eta, progress=True,
                           pixels=vae is None)
     samples = samples[: len(labels)]  # drop the null-class half

@@ -66,6 +66,7 @@ def sample_settings(args: argparse.Namespace, config: dict, world_size: int, dev
         "image_size": config["image_size"], "num_classes": config["num_classes"], "vae": vae,
         "sampler": args.sampler, "num_sampling_steps": args.num_sampling_steps,
         "eta": args.eta if args.sampler == "ddim" else None, "cfg_scale": args.cfg_scale,
+        "cfg_interval": args.cfg_interval,
         "global_seed": args.global_seed, "world_size": world_size, "per_proc_batch_size": args.per_proc_batch_size,
         "device": device.type, "tf32": args.tf32 if device.type == "cuda" else None,
         "sampler_version": SAMPLER_VERSION, "torch": torch.__version__,
@@ -103,7 +104,8 @@ def prepare_sample_folder(folder: Path, settings: dict, overwrite: bool, started
 
 def skip_batch(diffusion, args, x: torch.Tensor, model_kwargs: dict, out_channels: int) -> None:
     """Draw exactly what sampling this batch would draw, without the network: a stand-in model of
-    zeros keeps every randn_like of the loop, in the same order and shapes."""
+    zeros keeps every randn_like of the loop, in the same order and shapes (the ODE solvers draw
+    nothing, and the guidance interval changes no draw)."""
     def zeros(x_t, t, **kwargs):
         return torch.zeros(x_t.shape[0], out_channels, *x_t.shape[2:], device=x_t.device)
 
@@ -147,8 +149,10 @@ def sample(args: argparse.Namespace, rank: int, world_size: int, device: torch.d
     model_string_name = config["model"].replace("/", "-")
     ckpt_string_name = Path(args.ckpt).stem if args.ckpt else "pretrained"
     vae_name = Path(config["vae"]).name if config["vae"] not in ("ema", "mse", "none") else config["vae"]
+    # The official name, then what our additions change (the other settings are told apart by meta.json).
     folder_name = (f"{model_string_name}-{ckpt_string_name}-size-{config['image_size']}-vae-{vae_name}-"
-                   f"cfg-{args.cfg_scale}-seed-{args.global_seed}" + ("-ddim" if args.sampler == "ddim" else ""))
+                   f"cfg-{args.cfg_scale}-seed-{args.global_seed}" + ("" if args.sampler == "ddpm" else f"-{args.sampler}")
+                   + (f"-interval-{args.cfg_interval[0]}-{args.cfg_interval[1]}" if args.cfg_interval else ""))
     sample_folder_dir = Path(args.sample_dir) / folder_name
     settings = sample_settings(args, config, world_size, device) if rank == 0 else None
     rank_zero_decides(rank, lambda: prepare_sample_folder(sample_folder_dir, settings, args.overwrite, started))
@@ -170,7 +174,8 @@ def sample(args: argparse.Namespace, rank: int, world_size: int, device: torch.d
         labels = torch.randint(0, config["num_classes"], (n,), device=device)
         indices = [i * world_size + rank + total for i in range(n)]
         paths = [sample_folder_dir / f"{index:06d}.png" for index in indices]
-        x, model_fn, model_kwargs = guided_batch(noise, labels, config["num_classes"], args.cfg_scale, model)
+        x, model_fn, model_kwargs = guided_batch(noise, labels, config["num_classes"], args.cfg_scale, model,
+                                                 interval=args.cfg_interval)
         if all(readable_png(path) for path in paths):
             skip_batch(diffusion, args, x, model_kwargs, out_channels)
             skipped += n

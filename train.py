@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
-from common import (LatentFeatures, close_logger, create_logger, decode, distributed, encode_posterior, forked_rng,
+from common import (SAMPLERS, LatentFeatures, close_logger, create_logger, decode, distributed, encode_posterior, forked_rng,
                     guided_batch, image_folder, latent_shape, load_vae, load_weights, rank_zero_decides, require_positive,
                     run_cli, run_sampler, sample_latents, sampling_diffusion, save_image_grid, to_uint8_images,
                     unreadable_images, vae_scale)
@@ -94,7 +94,7 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 # it logs, saves, samples and evaluates. The FIXED ones define the model and its inputs; any other
 # change needs --allow-changed-args. The ones in NOT_COMPARED say where and how to resume.
 FREE_TO_CHANGE = {"max_steps", "epochs", "log_every", "ckpt_every", "num_workers", "sample_every", "sample_steps",
-                  "sample_cfg_scale", "sample_grid_size", "fid_every", "fid_ref", "fid_samples", "fid_steps",
+                  "sample_cfg_scale", "sample_grid_size", "fid_every", "fid_ref", "fid_samples", "fid_sampler", "fid_steps",
                   "fid_cfg_scale", "inception"}
 FIXED = ("model", "block", "image_size", "num_classes", "vae", "feature_path")
 NOT_COMPARED = {"resume", "results_dir", "allow_changed_args", "check_data"}
@@ -487,10 +487,10 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
                                        local_batch, device)
                 if rank == 0:
                     record = {"step": train_steps, "fid": frechet_distance(statistics(fid_features), fid_reference),
-                              "fid_samples": args.fid_samples, "fid_sampler": "ddim", "fid_steps": args.fid_steps,
+                              "fid_samples": args.fid_samples, "fid_sampler": args.fid_sampler, "fid_steps": args.fid_steps,
                               "fid_cfg_scale": args.fid_cfg_scale, "fid_seconds": time.time() - evaluated}
                     logger.info(f"(step={train_steps:07d}) FID-{args.fid_samples}: {record['fid']:.4f} (EMA weights, "
-                                f"DDIM {args.fid_steps} steps, cfg-scale {args.fid_cfg_scale}, "
+                                f"{args.fid_sampler} {args.fid_steps} steps, cfg-scale {args.fid_cfg_scale}, "
                                 f"{record['fid_seconds']:.1f} s)")
                     write_record(metrics_file, record)
             start_time += time.time() - evaluated  # throughput counts training only
@@ -601,10 +601,10 @@ def ema_fid(ema, vae, network: InceptionNetwork, args, rank: int, world_size: in
 @torch.no_grad()
 def rank_fid_features(ema, vae, network: InceptionNetwork, args, rank: int, world_size: int, channels: int,
                       latent_size: int, batch_size: int, device: torch.device) -> np.ndarray:
-    """One rank's share of the FID samples (DDIM), as pool3 features. Each rank's noise and labels
+    """One rank's share of the FID samples (--fid-sampler), as pool3 features. Each rank's noise and labels
     are the same at every evaluation, so successive FIDs differ only by the weights; the training
     RNG is untouched."""
-    diffusion = sampling_diffusion("ddim", args.fid_steps, "--fid-steps")
+    diffusion = sampling_diffusion(args.fid_sampler, args.fid_steps, "--fid-steps")
     generator = torch.Generator().manual_seed(args.global_seed * world_size + rank)
     count = len(range(rank, args.fid_samples, world_size))
     features = []
@@ -615,7 +615,7 @@ def rank_fid_features(ema, vae, network: InceptionNetwork, args, rank: int, worl
             noise = torch.randn(n, channels, latent_size, latent_size, generator=generator).to(device)
             labels = torch.randint(0, args.num_classes, (n,), generator=generator).to(device)
             x, model_fn, model_kwargs = guided_batch(noise, labels, args.num_classes, args.fid_cfg_scale, ema)
-            latents = run_sampler(diffusion, "ddim", model_fn, x, model_kwargs, pixels=vae is None)[:n]
+            latents = run_sampler(diffusion, args.fid_sampler, model_fn, x, model_kwargs, pixels=vae is None)[:n]
             images = to_uint8_images(decode(vae, latents))
             features.append(network(as_uint8_nchw(images, "the FID samples"))[0].numpy())
     return np.concatenate(features) if features else np.zeros((0, 2048), np.float32)
@@ -666,7 +666,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     extra.add_argument("--fid-every", type=int, default=0, help="FID of EMA samples every K steps (0: never)")
     extra.add_argument("--fid-ref", type=str, default=None, help="reference statistics (evaluate.py --save-stats, or ADM's)")
     extra.add_argument("--fid-samples", type=int, default=5000, help="samples per FID, split over the ranks")
-    extra.add_argument("--fid-steps", type=int, default=50, help="DDIM steps for those samples")
+    extra.add_argument("--fid-sampler", choices=SAMPLERS, default="ddim", help="sampler for those samples")
+    extra.add_argument("--fid-steps", type=int, default=50, help="sampling steps for those samples")
     extra.add_argument("--fid-cfg-scale", type=float, default=1.0, help="guidance for them (1: none, as the paper's curves)")
     extra.add_argument("--inception", type=str, default=None, help="local FID network weights (default: download)")
     return parser.parse_args(argv)

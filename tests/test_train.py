@@ -286,12 +286,13 @@ def test_fid_monitoring_logs_the_right_fid_and_leaves_training_unchanged(tmp_pat
               "--ckpt-every", "4", "--lr", "1e-2", "--ema-decay", "0.5", *PIXEL]
     run_script("train.py", *common, *DDP, "--results-dir", tmp_path / "plain", nproc=2)
     run_script("train.py", *common, *DDP, "--results-dir", tmp_path / "fid", "--fid-every", "2", "--fid-ref",
-               tmp_path / "ref.npz", "--fid-samples", "5", "--fid-steps", "3", *inception, nproc=2)
+               tmp_path / "ref.npz", "--fid-samples", "5", "--fid-sampler", "dpm++", "--fid-steps", "3", *inception,
+               nproc=2)
     experiment = only_experiment(tmp_path / "fid")
     fids = [r for r in metrics(experiment) if "fid" in r]
     assert [r["step"] for r in fids] == [2, 4]
-    assert all(r["fid_samples"] == 5 and (r["fid_sampler"], r["fid_steps"]) == ("ddim", 3) for r in fids)
-    assert "EMA weights, DDIM 3 steps, cfg-scale 1.0" in (experiment / "log.txt").read_text()
+    assert all(r["fid_samples"] == 5 and (r["fid_sampler"], r["fid_steps"]) == ("dpm++", 3) for r in fids)
+    assert "EMA weights, dpm++ 3 steps, cfg-scale 1.0" in (experiment / "log.txt").read_text()
     losses = [r["loss"] for r in metrics(experiment) if "loss" in r]
     assert losses == [r["loss"] for r in metrics(only_experiment(tmp_path / "plain"))]  # training RNG untouched
     plain_ema = load(only_experiment(tmp_path / "plain") / "checkpoints" / "0000004.pt")["ema"]
@@ -301,7 +302,7 @@ def test_fid_monitoring_logs_the_right_fid_and_leaves_training_unchanged(tmp_pat
     # The logged FID at step 4 is that of the saved EMA's samples, each rank's share included.
     ema = DiT_models["DiT-Nano/4"](input_size=16, in_channels=3, num_classes=2)
     ema.load_state_dict(checkpoint["ema"])
-    args = train.parse_args([*map(str, common), "--fid-samples", "5", "--fid-steps", "3"])
+    args = train.parse_args([*map(str, common), "--fid-samples", "5", "--fid-sampler", "dpm++", "--fid-steps", "3"])
     network = InceptionNetwork(str(fidelity_inception_path), torch.device(DDP_DEVICE))
     ema = ema.eval().to(DDP_DEVICE)
     threads = torch.get_num_threads()
