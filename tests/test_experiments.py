@@ -1,0 +1,38 @@
+"""The experiments' scripts, smoke-sized: they run end to end and write what they promise."""
+import json
+import sys
+
+import torch
+
+from conftest import ROOT
+from models import DiT_models
+
+sys.path.insert(0, str(ROOT / "experiments"))
+
+
+def test_sampler_sweep_smoke(tmp_path):
+    import sampler_sweep
+
+    torch.manual_seed(0)
+    model = DiT_models["DiT-Nano/4"](input_size=16, in_channels=3, num_classes=10)
+    with torch.no_grad():  # a model that is not zero at init, so samplers and intervals differ
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    checkpoint = tmp_path / "model.pt"
+    torch.save({"ema": model.state_dict(), "model": model.state_dict(),
+                "args": {"model": "DiT-Nano/4", "image_size": 16, "num_classes": 10, "vae": "none"}}, checkpoint)
+    flags = ["--ckpt", str(checkpoint), "--out", str(tmp_path / "out"), "--samples", "20", "--reference", "20",
+             "--plot", str(tmp_path / "sweep.png"), "--settings", "ddpm:4", "dpm++:3", "dpm++:3:0-0.5"]
+    result = sampler_sweep.main(flags)
+    rows = result["rows"]
+    assert [(r["sampler"], r["steps"], r["interval"]) for r in rows] == [("ddpm", 4, None), ("dpm++", 3, None),
+                                                                          ("dpm++", 3, (0.0, 0.5))]
+    assert [r["nfe"] for r in rows] == [8, 6, 4]  # dpm++ 3 steps: t = 999, 666, 333; two lie outside [0, 0.5]
+    assert all(r["fid"] > 0 and r["sfid"] > 0 and 0 <= r["accuracy"] <= 1 and r["seconds"] > 0 for r in rows)
+    assert rows[1]["fid"] != rows[2]["fid"]  # the interval changed the samples
+    assert (tmp_path / "sweep.png").stat().st_size > 0
+    assert (tmp_path / "out" / "sweep.md").read_text().count("\n") == 5
+    stored = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert len(stored) == 3
+    again = sampler_sweep.main(flags)  # everything stored: nothing is drawn again
+    assert again["table"] == result["table"]
