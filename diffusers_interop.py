@@ -108,7 +108,7 @@ def model_kwargs_from_diffusers(config) -> dict:
 
 
 def main() -> None:
-    from common import run_cli
+    from processes import run_cli
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -128,7 +128,7 @@ def main() -> None:
 
 
 def export_command(args: argparse.Namespace) -> None:
-    from common import load_model_for_sampling
+    from weights import load_model_for_sampling
 
     # The VAE is loaded only for a pipeline; otherwise the checkpoint's (or the official) geometry is used.
     model, vae, _ = load_model_for_sampling(args, torch.device("cpu"), default_vae="ema", with_vae=args.vae is not None)

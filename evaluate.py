@@ -28,8 +28,9 @@ from torch_fidelity.metric_fid import fid_statistics_to_metric
 from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
 
-from common import center_crop_arr, load_rgb, resolve_device, run_cli
 from files import atomic_write
+from images import center_crop_arr, load_rgb
+from processes import resolve_device, run_cli
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 PRECISION_RECALL_K = 3  # neighbourhood size of Kynkaanniemi et al. and ADM's evaluator

@@ -338,11 +338,14 @@ class DiT(nn.Module):
                 f"got min {int(y.min())} max {int(y.max())}"
             )
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x: (N, C, H, W) noisy latents, t: (N,) timesteps, y: (N,) labels -> (N, out_channels, H, W)."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                force_drop_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: (N, C, H, W) noisy latents, t: (N,) timesteps, y: (N,) labels -> (N, out_channels, H, W).
+        force_drop_ids (N,): label dropout decided by the caller (1: null class) instead of drawn here,
+        so a batch split into micro-batches drops the labels one whole-batch step would."""
         self._check_inputs(x, t, y)
         x = self.x_embedder(x) + self.pos_embed
-        t_emb, y_emb = self.t_embedder(t), self.y_embedder(y, self.training)
+        t_emb, y_emb = self.t_embedder(t), self.y_embedder(y, self.training, force_drop_ids)
         if self.block == "in-context":  # two extra tokens (no position), dropped after the last block
             x, c = torch.cat([x, t_emb.unsqueeze(1), y_emb.unsqueeze(1)], dim=1), None
         elif self.block == "cross-attention":  # a length-2 sequence the tokens attend to

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import torch
 
-from common import (add_sampling_flags, check_image_path, check_sampling_flags, decode, guided_batch,
-                    load_model_for_sampling, require_positive, resolve_device, run_cli, run_sampler, sampling_diffusion,
-                    save_image_grid)
+from images import check_image_path, save_image_grid
+from latents import decode
+from processes import require_positive, resolve_device, run_cli
+from sampling import add_sampling_flags, check_sampling_flags, guided_batch, run_sampler, sampling_diffusion
+from weights import load_model_for_sampling
 
 OFFICIAL_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
 

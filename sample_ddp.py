@@ -22,9 +22,12 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from common import (add_sampling_flags, check_sampling_flags, decode, distributed, guided_batch, load_model_for_sampling,
-                    rank_zero_decides, require_positive, run_cli, run_sampler, sampling_diffusion, to_uint8_images)
 from files import atomic_write, format_bytes, remove_stale_temporaries
+from images import to_uint8_images
+from latents import decode
+from processes import distributed, rank_zero_decides, require_positive, run_cli
+from sampling import add_sampling_flags, check_sampling_flags, guided_batch, run_sampler, sampling_diffusion
+from weights import load_model_for_sampling
 
 SAMPLES_META = "meta.json"
 # Raise when a change to the sampling code changes the images that the same settings give, so

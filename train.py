@@ -14,7 +14,7 @@ import resource
 import signal
 import sys
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from copy import deepcopy
 from datetime import timedelta
 from glob import glob
@@ -27,15 +27,16 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
-from common import (SAMPLERS, LatentFeatures, close_logger, create_logger, decode, distributed, encode_posterior, forked_rng,
-                    guided_batch, image_folder, latent_shape, load_vae, load_weights, rank_zero_decides, require_positive,
-                    run_cli, run_sampler, sample_latents, sampling_diffusion, save_image_grid, to_uint8_images,
-                    unreadable_images, vae_scale)
 from diffusion import create_diffusion
 from download import read_checkpoint
 from evaluate import InceptionNetwork, as_uint8_nchw, check_statistics, frechet_distance, read_npz, statistics
 from files import atomic_torch_save, format_bytes, remove_stale_temporaries
+from images import image_folder, save_image_grid, to_uint8_images, unreadable_images
+from latents import LatentFeatures, decode, encode_posterior, latent_shape, load_vae, sample_latents, vae_scale
 from models import BLOCK_DESIGNS, DiT_models
+from processes import close_logger, create_logger, distributed, forked_rng, rank_zero_decides, require_positive, run_cli
+from sampling import SAMPLERS, guided_batch, run_sampler, sampling_diffusion
+from weights import load_init_weights, load_weights
 
 
 # ---- the pieces of one run -----------------------------------------------------------------------
@@ -93,11 +94,11 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 # Flags a resumed run may change (each change is logged): how long it runs, and how often and how
 # it logs, saves, samples and evaluates. The FIXED ones define the model and its inputs; any other
 # change needs --allow-changed-args. The ones in NOT_COMPARED say where and how to resume.
-FREE_TO_CHANGE = {"max_steps", "epochs", "log_every", "ckpt_every", "num_workers", "sample_every", "sample_steps",
+FREE_TO_CHANGE = {"max_steps", "epochs", "log_every", "ckpt_every", "keep_last", "keep_every", "num_workers", "sample_every", "sample_steps",
                   "sample_cfg_scale", "sample_grid_size", "fid_every", "fid_ref", "fid_samples", "fid_sampler", "fid_steps",
                   "fid_cfg_scale", "inception"}
 FIXED = ("model", "block", "image_size", "num_classes", "vae", "feature_path")
-NOT_COMPARED = {"resume", "results_dir", "allow_changed_args", "check_data"}
+NOT_COMPARED = {"resume", "results_dir", "allow_changed_args", "check_data", "init_from"}
 
 
 def changed_args(saved: dict, args: argparse.Namespace) -> tuple[list, list, list]:
@@ -255,8 +256,12 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--num-classes must be at least 1, got {args.num_classes}")
     if args.feature_path is None and args.data_path is None:
         raise ValueError("--data-path is required (or --feature-path with latents from extract_features.py)")
-    require_positive(args, "global_batch_size", "epochs", "log_every", "ckpt_every", "max_steps", "sample_steps",
-                     "sample_grid_size", "fid_samples", "fid_steps")
+    require_positive(args, "global_batch_size", "grad_accum_steps", "epochs", "log_every", "ckpt_every", "max_steps", "keep_last",
+                     "keep_every", "sample_steps", "sample_grid_size", "fid_samples", "fid_steps")
+    if args.keep_every is not None and args.keep_last is None:
+        raise ValueError("--keep-every only applies with --keep-last (without it every checkpoint is kept)")
+    if args.lr_schedule != "constant" and not 0 <= args.lr_min <= args.lr:
+        raise ValueError(f"--lr-min must lie in [0, --lr {args.lr}], got {args.lr_min}")
     if args.fid_every and args.fid_ref is None:
         raise ValueError("--fid-every needs --fid-ref STATS.npz (write one with evaluate.py DATA --save-stats STATS.npz)")
     if not 0 <= args.ema_decay < 1:
@@ -276,6 +281,9 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
     if args.global_batch_size % world_size:
         raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by the world size {world_size}")
     local_batch = args.global_batch_size // world_size
+    if local_batch % args.grad_accum_steps:
+        raise ValueError(f"--grad-accum-steps {args.grad_accum_steps} does not divide the per-process batch "
+                         f"{local_batch} (--global-batch-size {args.global_batch_size} over {world_size} processes)")
     started = time.time()
     torch.backends.cuda.matmul.allow_tf32 = args.tf32  # TF32 is on by default, as in the official script
     torch.backends.cudnn.allow_tf32 = args.tf32
@@ -326,6 +334,14 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
                                        gradient_checkpointing=args.grad_checkpointing, block=args.block)
     except ValueError as error:
         raise ValueError(f"{error} (the model's input for --image-size {args.image_size})") from None
+    init_notes = []
+    if args.init_from is not None and checkpoint is None:  # reading the source draws nothing from the training stream
+        with forked_rng(device):
+            init_notes = rank_zero_decides(rank, lambda: load_init_weights(model, args.init_from))  # rank 0 downloads
+            if rank != 0:
+                load_init_weights(model, args.init_from)
+    elif args.init_from is not None:
+        init_notes = [f"--resume wins over --init-from: continuing {checkpoint_path}"]
     ema = deepcopy(model).to(device).requires_grad_(False)
     model = model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -342,7 +358,7 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
     logger = create_logger(experiment_dir, rank)
     scope.callback(close_logger, logger)
     logger.info(f"Experiment directory created at {experiment_dir}")
-    for note in resume_notes + claim_notes:
+    for note in resume_notes + claim_notes + init_notes:
         logger.info(note)
     if rank == 0 and removed:
         logger.info(f"Removed {removed} temporary file(s) of an interrupted checkpoint write ({format_bytes(freed)})")
@@ -368,11 +384,8 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
         # Each rank initialised its own model from its own seed; DDP has just given them all rank
         # 0's weights. The EMA starts as a copy of those, as in the official script.
         update_ema(ema, model, decay=0)
-    if args.compile:
-        # Label dropout's rand() runs inside the compiled graph: draw it with the eager kernel so a
-        # compiled run consumes the generator exactly as an eager one (and resumes exactly).
-        from torch._inductor import config as inductor_config
-        inductor_config.fallback_random = True
+    # Every random number of a step is drawn outside the model (label dropout too, below), so a
+    # compiled model consumes the generators exactly as an eager one and resumes exactly.
     train_model = torch.compile(ddp_model) if args.compile else ddp_model
     sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=args.global_seed)
     # The loader gets a generator of its own: creating an epoch's iterator must not draw from the
@@ -381,6 +394,8 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
                         pin_memory=device.type == "cuda", drop_last=True, persistent_workers=args.num_workers > 0,
                         generator=torch.Generator().manual_seed(seed))
     steps_per_epoch = sampler.num_samples // local_batch
+    micro = local_batch // args.grad_accum_steps
+    micro_batches = [slice(k * micro, (k + 1) * micro) for k in range(args.grad_accum_steps)]
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
     logger.info(f"Dataset contains {len(dataset):,} images ({args.data_path or args.feature_path}); "
                 f"{steps_per_epoch} steps per epoch, {world_size} process(es) on {device}")
@@ -398,6 +413,10 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
                 "epoch": epoch, "position": position, "rng": rngs,
             }, path)
             logger.info(f"Saved checkpoint to {path} (model and EMA identical on all {world_size} ranks)")
+            if args.keep_last is not None:
+                removed = prune_checkpoints(checkpoint_dir, args.keep_last, args.keep_every, keep=checkpoint_path)
+                if removed:
+                    logger.info(f"Deleted {', '.join(p.name for p in removed)} (--keep-last {args.keep_last})")
         dist.barrier()
         return path
 
@@ -446,12 +465,25 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
                 x = torch.where(flip[:, None, None, None], x.flip(3), x)
                 if vae is not None:
                     x = sample_latents(*encode_posterior(vae, x), scale)
-            set_learning_rate(opt, args, train_steps)
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(args, train_steps, max_steps)
             t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device)
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                loss = diffusion.training_losses(train_model, x, t, dict(y=y))["loss"].mean()
+            # The batch's other random numbers, drawn once in the order a whole-batch step draws them
+            # (training_losses' noise, then the label embedder's dropout) and split over micro-batches.
+            noise = torch.randn_like(x)
+            drop = (torch.rand(x.shape[0], device=device) < args.class_dropout_prob).long() \
+                if args.class_dropout_prob > 0 else None
             opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            loss = torch.zeros((), device=device)
+            for index, part in enumerate(micro_batches):
+                labels = dict(y=y[part]) if drop is None else dict(y=y[part], force_drop_ids=drop[part])
+                # DDP all-reduces the gradients once, after the last micro-batch's backward.
+                with ddp_model.no_sync() if index < len(micro_batches) - 1 else nullcontext():
+                    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                        part_loss = diffusion.training_losses(train_model, x[part], t[part], labels,
+                                                              noise=noise[part])["loss"].mean() / len(micro_batches)
+                    scaler.scale(part_loss).backward()
+                loss += part_loss.detach()
             if args.grad_clip is not None:
                 scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -509,11 +541,29 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
     logger.info("Done!")
 
 
-def set_learning_rate(opt: torch.optim.Optimizer, args: argparse.Namespace, train_steps: int) -> None:
-    """Linear warm-up over --warmup-steps, then constant (the official schedule is constant)."""
-    factor = min(1.0, (train_steps + 1) / args.warmup_steps) if args.warmup_steps else 1.0
-    for group in opt.param_groups:
-        group["lr"] = args.lr * factor
+def prune_checkpoints(folder: Path, keep_last: int, keep_every: Optional[int], keep: Optional[Path]) -> list:
+    """Delete all but the newest keep_last checkpoints, those of every keep_every-th step and `keep`
+    (the one the run resumed from). Called only after a newer checkpoint is completely written."""
+    checkpoints = sorted(folder.glob("*.pt"))  # zero-padded step numbers sort by step
+    kept = set(checkpoints[-keep_last:])
+    kept |= {c for c in checkpoints if keep_every and c.stem.isdigit() and int(c.stem) % keep_every == 0}
+    removed = [c for c in checkpoints if c not in kept and (keep is None or c.resolve() != Path(keep).resolve())]
+    for checkpoint in removed:
+        checkpoint.unlink()
+    return removed
+
+
+def learning_rate(args: argparse.Namespace, train_steps: int, total_steps: int) -> float:
+    """Linear warm-up over --warmup-steps, then constant (the official schedule), or a cosine or
+    linear decay to --lr-min at total_steps. A function of the step alone, so a resumed run
+    continues the schedule."""
+    if args.warmup_steps and train_steps < args.warmup_steps:
+        return args.lr * (train_steps + 1) / args.warmup_steps
+    if args.lr_schedule == "constant":
+        return args.lr
+    progress = min(1.0, (train_steps - args.warmup_steps) / max(total_steps - args.warmup_steps, 1))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if args.lr_schedule == "cosine" else 1 - progress
+    return args.lr_min + (args.lr - args.lr_min) * shape
 
 
 def log_metrics(logger, metrics_file, device, running_loss, log_steps, start_time, train_steps, max_steps, args,
@@ -644,18 +694,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     extra.add_argument("--no-tf32", dest="tf32", action="store_false", help="disable TF32 matmuls on Ampere+ GPUs")
     extra.add_argument("--feature-path", type=str, default=None, help="latents written by extract_features.py")
     extra.add_argument("--resume", type=str, default=None, help="checkpoint path, or 'auto' for the latest one")
+    extra.add_argument("--init-from", type=str, default=None,
+                       help="start from these weights (an official name, a checkpoint, a state dict, .safetensors "
+                            "or a diffusers folder); a label or position table of another size is re-initialised")
     extra.add_argument("--allow-changed-args", action="store_true",
                        help="resume although flags other than run length, logging and monitoring changed")
     extra.add_argument("--check-data", action="store_true", help="decode every image of --data-path, report, and exit")
     extra.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in total")
     extra.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
     extra.add_argument("--grad-checkpointing", action="store_true")
+    extra.add_argument("--grad-accum-steps", type=int, default=1,
+                       help="split each process's batch into K micro-batches, one optimizer step for all")
     extra.add_argument("--compile", action="store_true", help="torch.compile the model")
     extra.add_argument("--grad-clip", type=float, default=None, help="max gradient norm")
     extra.add_argument("--lr", type=float, default=1e-4)
     extra.add_argument("--weight-decay", type=float, default=0.0)
     extra.add_argument("--ema-decay", type=float, default=0.9999)
     extra.add_argument("--warmup-steps", type=int, default=0)
+    extra.add_argument("--lr-schedule", choices=["constant", "cosine", "linear"], default="constant",
+                       help="after warm-up: constant (official), or decay to --lr-min at the last step")
+    extra.add_argument("--lr-min", type=float, default=0.0, help="the learning rate a decay ends at")
+    extra.add_argument("--keep-last", type=int, default=None,
+                       help="keep only the newest N checkpoints (older ones are deleted once a newer one is written)")
+    extra.add_argument("--keep-every", type=int, default=None, help="with --keep-last, also keep every M-th step's")
     extra.add_argument("--class-dropout-prob", type=float, default=0.1)
     extra.add_argument("--no-random-flip", dest="random_flip", action="store_false",
                        help="no horizontal flips (for data where mirroring changes meaning, like digits)")

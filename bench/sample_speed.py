@@ -14,8 +14,8 @@ import torch
 
 from harness import machine, markdown, random_weights, spread, timed
 
-from common import guided_batch, run_sampler, sampling_diffusion
 from models import DiT_models
+from sampling import guided_batch, run_sampler, sampling_diffusion
 
 RUNS = [("ddpm", 250), ("ddim", 50)]
 

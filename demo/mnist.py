@@ -30,10 +30,11 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common import (center_crop_arr, guided_batch, load_model_for_sampling, run_sampler,  # noqa: E402
-                    sampling_diffusion, to_uint8_images)
 from evaluate import (InceptionNetwork, evaluate, extract, fid_helper_network, image_features,  # noqa: E402
                       save_statistics)
+from images import center_crop_arr, to_uint8_images  # noqa: E402
+from sampling import guided_batch, run_sampler, sampling_diffusion  # noqa: E402
+from weights import load_model_for_sampling  # noqa: E402
 
 
 def mnist_csv() -> Path:

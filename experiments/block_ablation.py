@@ -19,8 +19,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "demo"))
-from common import to_uint8_images  # noqa: E402
 from evaluate import evaluate, image_features  # noqa: E402
+from images import to_uint8_images  # noqa: E402
 from mnist import (accuracy, add_recipe_flags, as_model_input, fid_network, fid_reference, final_checkpoint,  # noqa: E402
                    load_mnist, real_digits, sample_digits, train, train_classifier, write_image_folder)
 from models import BLOCK_DESIGNS  # noqa: E402

@@ -16,16 +16,17 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "demo"))
-from common import guided_batch, load_model_for_sampling, run_sampler, sampling_diffusion, to_uint8_images  # noqa: E402
 from evaluate import evaluate, image_features  # noqa: E402
+from images import to_uint8_images  # noqa: E402
 from mnist import (accuracy, add_recipe_flags, as_model_input, fid_network, fid_reference, final_checkpoint,  # noqa: E402
                    load_mnist, real_digits, train, train_classifier, write_image_folder)
+from sampling import guided_batch, run_sampler, sampling_diffusion  # noqa: E402
+from weights import load_model_for_sampling  # noqa: E402
 
 # sampler:steps[:LO-HI guidance interval]. Network evaluations per sample: one a step (each a doubled
 # batch when guided); DDPM and DDIM are the IDDPM loops, dpm++ and unipc diffusers' solvers.

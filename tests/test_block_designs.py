@@ -6,10 +6,10 @@ import torch
 from PIL import Image
 
 from bench.model_table import PAPER_XL2_DESIGN_GFLOPS
-from common import block_design
 from conftest import DEVICE, make_image_folder, run_main, run_script
 from diffusion import create_diffusion
 from models import BLOCK_DESIGNS, DiT, DiT_models, count_forward_gmacs
+from weights import block_design
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10)
 

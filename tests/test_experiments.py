@@ -2,6 +2,7 @@
 import json
 import sys
 
+import pytest
 import torch
 
 from conftest import ROOT
@@ -36,3 +37,16 @@ def test_sampler_sweep_smoke(tmp_path):
     assert len(stored) == 3
     again = sampler_sweep.main(flags)  # everything stored: nothing is drawn again
     assert again["table"] == result["table"]
+
+
+@pytest.mark.slow  # three train.py runs under torchrun and 5,000 PNGs: about a minute on 2 cores
+def test_fine_tune_experiment_smoke(tmp_path):
+    import fine_tune
+
+    rows = fine_tune.main(["--out", str(tmp_path), "--pretrain-steps", "2", "--steps", "2", "--per-class-eval", "2",
+                           "--reference", "20", "--global-batch-size", "16", "--nproc", "1"])
+    assert set(rows) == {"fine-tuned from 0-4", "from scratch"}
+    assert all(r["fid"] > 0 and 0 <= r["accuracy"] <= 1 for r in rows.values())
+    log = next((tmp_path / "fine-tune").iterdir()) / "log.txt"
+    assert "Initialised from" in log.read_text() and "re-initialised the label table" in log.read_text()
+    assert "| fine-tuned from 0-4 | 2 |" in (tmp_path / "fine_tune.md").read_text()

@@ -12,10 +12,11 @@ import torch
 from PIL import Image
 
 import download
-from common import guided_batch, load_weights
-import official_reference as official
 from conftest import DDP_DEVICE, DEVICE, LoopbackServer, make_image_folder, run_main, run_script
 from models import DiT_models
+import official_reference as official
+from sampling import guided_batch
+from weights import load_weights
 
 pytestmark = pytest.mark.device  # on CUDA when present: see conftest.DEVICE
 

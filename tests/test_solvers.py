@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from common import guided_batch, run_sampler, sampling_diffusion
 from conftest import DEVICE, run_main
 from diffusion import create_diffusion
 from models import DiT_models
+from sampling import guided_batch, run_sampler, sampling_diffusion
 
 
 def toy_eps(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

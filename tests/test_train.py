@@ -1,6 +1,7 @@
 """train.py and extract_features.py end to end on CPU: DDP, resume, latents, errors, reliability."""
 import errno
 import json
+import math
 import os
 import re
 import shutil
@@ -15,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from files import atomic_torch_save
 from conftest import DDP_DEVICE, DEVICE, ROOT, make_image_folder, run_main, run_script
+from files import atomic_torch_save
 
 pytestmark = pytest.mark.device  # on CUDA when present: see conftest.DEVICE
 
@@ -345,7 +346,7 @@ def test_unreadable_images_are_all_named_before_training(tmp_path, image_folder_
 def test_images_of_every_mode_become_the_rgb_they_show(tmp_path):
     from PIL import Image
 
-    from common import load_rgb
+    from images import load_rgb
 
     def saved(image, name, **kwargs):
         image.save(tmp_path / name, **kwargs)
@@ -421,7 +422,7 @@ def test_ema_update_formula_and_fixed_position_table():
 
 
 def test_cuda_without_a_gpu_is_an_error_not_a_fallback():
-    from common import resolve_device
+    from processes import resolve_device
     if torch.cuda.is_available():
         assert resolve_device("cuda").type == "cuda"
     else:
@@ -562,3 +563,161 @@ def test_full_disk_is_one_line_and_keeps_the_checkpoints(tmp_path, image_folder_
                         rf"device \(20\.\d MB needed, [\d.]+ (KB|MB|GB) free\); files already there are intact", message)
     assert sorted(p.name for p in checkpoints.iterdir()) == ["0000001.pt"]  # no temporary file left behind
     assert load(checkpoints / "0000001.pt")["train_steps"] == 1
+
+
+# ---- learning-rate schedules and checkpoint retention ----------------------------------------------
+
+def test_learning_rate_schedules():
+    import train
+    args = lambda schedule: train.parse_args(["--lr", "1e-3", "--lr-min", "1e-5", "--warmup-steps", "10",  # noqa: E731
+                                              "--lr-schedule", schedule])
+    constant, cosine, linear = args("constant"), args("cosine"), args("linear")
+    for step in range(10):  # the warm-up, as before: (step + 1) / warmup of the rate
+        assert train.learning_rate(constant, step, 110) == train.learning_rate(cosine, step, 110) == 1e-3 * (step + 1) / 10
+    assert [train.learning_rate(constant, s, 110) for s in (10, 60, 110)] == [1e-3] * 3
+    assert train.learning_rate(cosine, 10, 110) == pytest.approx(1e-3)
+    assert train.learning_rate(cosine, 60, 110) == pytest.approx((1e-3 + 1e-5) / 2)
+    assert train.learning_rate(cosine, 85, 110) == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5 * (1 + math.cos(math.pi * 0.75)))
+    assert train.learning_rate(linear, 85, 110) == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.25)
+    assert train.learning_rate(cosine, 110, 110) == train.learning_rate(linear, 500, 110) == pytest.approx(1e-5)
+
+
+def test_decaying_schedule_resumes_where_it_stopped(tmp_path, image_folder_path):
+    # 16 images at batch 4: --epochs 1 stops the first part at step 4 of a 6-step decay.
+    args = ["--data-path", image_folder_path, "--global-batch-size", "4", "--log-every", "1", "--ckpt-every", "100",
+            "--lr", "1e-3", "--lr-min", "1e-4", "--lr-schedule", "cosine", "--max-steps", "6", *PIXEL]
+    run_main("train.py", *args, "--results-dir", tmp_path / "straight")
+    run_main("train.py", *args, "--results-dir", tmp_path / "split", "--epochs", "1")
+    run_main("train.py", *args, "--results-dir", tmp_path / "split", "--resume", "auto")
+    straight, split = only_experiment(tmp_path / "straight"), only_experiment(tmp_path / "split")
+    expected = [1e-4 + 9e-4 * 0.5 * (1 + math.cos(math.pi * s / 6)) for s in range(6)]
+    assert [r["lr"] for r in metrics(straight)] == [r["lr"] for r in metrics(split)] == pytest.approx(expected)
+    assert_same_state(load(straight / "checkpoints" / "0000006.pt"), load(split / "checkpoints" / "0000006.pt"))
+
+
+def test_keep_last_never_deletes_the_checkpoint_resumed_from(tmp_path, image_folder_path):
+    args = ["--data-path", image_folder_path, "--results-dir", tmp_path / "results", "--global-batch-size", "4",
+            "--ckpt-every", "1", *PIXEL]
+    run_main("train.py", *args, "--max-steps", "5", "--keep-last", "2", "--keep-every", "3")
+    checkpoints = only_experiment(tmp_path / "results") / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["0000003.pt", "0000004.pt", "0000005.pt"]
+    run_main("train.py", *args, "--max-steps", "7", "--keep-last", "1", "--resume", checkpoints / "0000004.pt")
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["0000004.pt", "0000007.pt"]
+    assert "Deleted 0000006.pt (--keep-last 1)" in (checkpoints.parent / "log.txt").read_text()
+
+
+# ---- gradient accumulation --------------------------------------------------------------------------
+
+def test_gradient_accumulation_equals_the_whole_batch_and_resumes_exactly(tmp_path, image_folder_path, monkeypatch):
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    import train
+    syncs = []
+
+    class CountingDDP(train.DDP):  # counts gradient all-reduces (one call per bucket)
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+
+            def hook(state, bucket):
+                syncs.append(1)
+                return default_hooks.allreduce_hook(None, bucket)
+            self.register_comm_hook(None, hook)
+
+    monkeypatch.setattr(train, "DDP", CountingDDP)
+    args = ["--data-path", image_folder_path, "--global-batch-size", "8", "--log-every", "1", "--ckpt-every", "100",
+            "--lr", "1e-3", *PIXEL]
+    states, losses, sync_counts = {}, {}, {}
+    for k in (1, 2, 4):
+        syncs.clear()
+        run_main("train.py", *args, "--results-dir", tmp_path / f"k{k}", "--max-steps", "2", "--grad-accum-steps", k)
+        experiment = only_experiment(tmp_path / f"k{k}")
+        states[k], losses[k], sync_counts[k] = load(experiment / "checkpoints" / "0000002.pt"), metrics(experiment), len(syncs)
+    assert sync_counts[2] == sync_counts[4] == sync_counts[1] > 0  # one all-reduce per step, not per micro-batch
+    for k in (2, 4):  # the same update as the whole batch, up to float summation order
+        assert [r["loss"] for r in losses[k]] == pytest.approx([r["loss"] for r in losses[1]], rel=1e-5)
+        for name, value in states[1]["model"].items():
+            assert torch.allclose(states[k]["model"][name], value, rtol=1e-4, atol=1e-6), name
+    # Stopped at an epoch's end (16 images, batch 8: 2 steps) and resumed: bit for bit.
+    accumulate = [*args, "--grad-accum-steps", "2", "--max-steps", "3"]
+    run_main("train.py", *accumulate, "--results-dir", tmp_path / "straight")
+    run_main("train.py", *accumulate, "--results-dir", tmp_path / "split", "--epochs", "1")
+    run_main("train.py", *accumulate, "--results-dir", tmp_path / "split", "--resume", "auto")
+    assert_same_state(load(only_experiment(tmp_path / "straight") / "checkpoints" / "0000003.pt"),
+                      load(only_experiment(tmp_path / "split") / "checkpoints" / "0000003.pt"))
+    with pytest.raises(ValueError, match="--grad-accum-steps 3 does not divide the per-process batch 8"):
+        run_main("train.py", *args, "--results-dir", tmp_path / "bad", "--grad-accum-steps", "3")
+
+
+# ---- fine-tuning: --init-from ---------------------------------------------------------------------------
+
+def test_init_from_loads_reinitialises_and_refuses_by_name(tmp_path, image_folder_path):
+    from diffusers_interop import to_diffusers
+    from models import DiT_models
+    data = ["--data-path", image_folder_path, "--global-batch-size", "4", "--ckpt-every", "1"]
+    run_main("train.py", *data, *PIXEL, "--results-dir", tmp_path / "source", "--max-steps", "2", "--lr", "1e-2",
+             "--ema-decay", "0.5")
+    source = only_experiment(tmp_path / "source") / "checkpoints" / "0000002.pt"
+    source_ema = load(source)["ema"]
+
+    def fine_tune(name, *flags):  # lr 0: the weights after one step are the initial ones
+        run_main("train.py", *data, *PIXEL, "--results-dir", tmp_path / name, "--max-steps", "1", "--lr", "0", *flags)
+        experiment = only_experiment(tmp_path / name)
+        return load(experiment / "checkpoints" / "0000001.pt"), (experiment / "log.txt").read_text()
+
+    same, log = fine_tune("same", "--init-from", source)
+    assert same["train_steps"] == 1 and same["args"]["init_from"] == str(source)
+    assert all(torch.equal(same["model"][name], value) for name, value in source_ema.items())
+    # The EMA starts as a copy; one update of equal weights moves it only by rounding.
+    assert all(torch.allclose(same["ema"][name], value, rtol=1e-6, atol=1e-9) for name, value in source_ema.items())
+    assert f"Initialised from {source}: loaded 52 of 52 tensors" in log
+
+    more_classes, log = fine_tune("classes", "--init-from", source, "--num-classes", "5")
+    torch.manual_seed(0)  # the run's seed: the table is the one the model itself initialises
+    fresh = DiT_models["DiT-Nano/4"](input_size=16, in_channels=3, num_classes=5).state_dict()
+    table = "y_embedder.embedding_table.weight"
+    assert torch.equal(more_classes["model"][table], fresh[table]) and more_classes["model"][table].shape == (6, 128)
+    assert all(torch.equal(more_classes["model"][n], v) for n, v in source_ema.items() if n != table)
+    assert "re-initialised the label table as the model does ((3, 128) there, (6, 128) here)" in log
+
+    larger, log = fine_tune("size", "--init-from", source, "--image-size", "24")
+    assert torch.equal(larger["model"]["pos_embed"], DiT_models["DiT-Nano/4"](input_size=24, in_channels=3).pos_embed)
+    assert "rebuilt the fixed sin-cos position table for the new grid ((1, 16, 128) there, (1, 36, 128) here)" in log
+
+    with pytest.raises(ValueError, match=r"--init-from .* does not fit this model: x_embedder.proj.weight is "
+                                         r"\(128, 3, 4, 4\) there, \(128, 3, 2, 2\) here.*look like --model DiT-Nano/4"):
+        fine_tune("patch", "--init-from", source, "--model", "DiT-Nano/2")
+
+    model = DiT_models["DiT-Nano/4"](input_size=16, in_channels=3, num_classes=2)
+    model.load_state_dict(source_ema)
+    to_diffusers(model).save_pretrained(tmp_path / "exported")
+    from_folder, _ = fine_tune("from-diffusers", "--init-from", tmp_path / "exported")
+    assert all(torch.equal(from_folder["model"][name], source_ema[name]) for name in source_ema)
+
+    run_main("train.py", *data, *PIXEL, "--results-dir", tmp_path / "same", "--max-steps", "2", "--lr", "0",
+             "--init-from", source, "--resume", "auto")
+    assert "--resume wins over --init-from" in (only_experiment(tmp_path / "same") / "log.txt").read_text()
+
+
+def test_compact_latents_differ_from_float32_only_by_the_stored_rounding(tmp_path, image_folder_path, tiny_vae_path):
+    import shutil
+
+    import numpy as np
+    extract = ["--data-path", image_folder_path, "--image-size", "32", "--vae", tiny_vae_path, "--batch-size", "8",
+               "--num-workers", "0", "--device", DEVICE]
+    for dtype in ("float32", "float16", "bfloat16"):
+        run_main("extract_features.py", *extract, "--features-path", tmp_path / dtype, "--dtype", dtype)
+    full, half = (tmp_path / d / "posteriors_000.npy" for d in ("float32", "float16"))
+    assert half.stat().st_size < 0.52 * full.stat().st_size
+    train = ["--global-batch-size", "4", "--max-steps", "3", "--log-every", "1", "--ckpt-every", "100",
+             *latent_args(tiny_vae_path)]
+    for dtype, rounding in (("float16", torch.float16), ("bfloat16", torch.bfloat16)):
+        # float32 features rounded as the compact file rounds them: training must see exactly the same.
+        rounded = tmp_path / f"rounded-{dtype}"
+        shutil.copytree(tmp_path / "float32", rounded)
+        values = torch.from_numpy(np.load(rounded / "posteriors_000.npy"))
+        np.save(rounded / "posteriors_000.npy", values.to(rounding).float().numpy())
+        losses = {}
+        for name in (dtype, f"rounded-{dtype}"):
+            run_main("train.py", *train, "--feature-path", tmp_path / name, "--results-dir", tmp_path / f"run-{name}")
+            losses[name] = [r["loss"] for r in metrics(only_experiment(tmp_path / f"run-{name}"))]
+        assert losses[dtype] == losses[f"rounded-{dtype}"] and len(losses[dtype]) == 3

@@ -1,0 +1,133 @@
+"""The VAE and latents: loading the VAE, encoding and decoding, and the stored posteriors
+extract_features.py writes and train.py --feature-path reads."""
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+# The Stable Diffusion VAEs DiT was trained with, by their short names.
+HUB_VAES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
+
+
+def load_vae(choice: str, device: torch.device):
+    """'ema'/'mse' (the hub VAEs), a local diffusers AutoencoderKL folder, or 'none' (pixel space)."""
+    if choice == "none":
+        return None
+    from diffusers.models import AutoencoderKL
+
+    source = HUB_VAES.get(choice, choice)
+    if choice not in HUB_VAES and not Path(choice).is_dir():
+        raise ValueError(f"--vae must be ema, mse, none or a local AutoencoderKL folder; {choice!r} is none of these")
+    try:
+        vae = AutoencoderKL.from_pretrained(source)
+    except OSError as error:
+        raise OSError(f"could not load the VAE {source!r} ({error}). Offline? Download it once with network "
+                      f"access, or pass --vae /path/to/a/local/AutoencoderKL folder") from error
+    return vae.to(device).eval().requires_grad_(False)
+
+
+def latent_shape(vae, image_size: int) -> tuple[int, int]:
+    """(channels, side) of what the DiT sees for images of image_size pixels."""
+    if vae is None:
+        return 3, image_size
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if image_size % factor:
+        raise ValueError(f"--image-size {image_size} is not a multiple of {factor}, the VAE's downsampling factor")
+    return vae.config.latent_channels, image_size // factor
+
+
+def vae_scale(vae) -> float:
+    """Latent scaling: the VAE's own config value (0.18215 for the SD VAEs DiT uses)."""
+    return float(vae.config.scaling_factor)
+
+
+@torch.no_grad()
+def encode_posterior(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of the VAE's Gaussian posterior for images in [-1, 1]."""
+    posterior = vae.encode(images).latent_dist
+    return posterior.mean, posterior.std
+
+
+def sample_latents(mean: torch.Tensor, std: torch.Tensor, scale: float) -> torch.Tensor:
+    """One posterior draw, scaled: the same arithmetic and RNG use as diffusers' latent_dist.sample().
+
+    Made contiguous because later draws (randn_like) follow the strides of their input.
+    """
+    return ((mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)) * scale).contiguous()
+
+
+@torch.no_grad()
+def decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Latents (or pixels when vae is None) -> images in roughly [-1, 1]."""
+    if vae is None:
+        return latents
+    return vae.decode(latents / vae_scale(vae)).sample
+
+
+FEATURES_META = "meta.json"
+
+
+# How posteriors can be stored on disk: numpy has no bfloat16, so its bits are kept as uint16.
+STORED_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+
+
+def to_stored(values: torch.Tensor, dtype: str) -> np.ndarray:
+    """A tensor as the numpy array stored for `dtype` (rounded to nearest)."""
+    if dtype == "bfloat16":
+        return values.to(torch.bfloat16).cpu().view(torch.int16).numpy().view(np.uint16)
+    return values.float().cpu().numpy().astype(STORED_DTYPES[dtype])
+
+
+def from_stored(array: np.ndarray, dtype: str) -> torch.Tensor:
+    """The float32 tensor of a stored array (exact: each stored value is a float32 value)."""
+    if dtype == "bfloat16":
+        return torch.from_numpy(np.array(array).view(np.int16)).view(torch.bfloat16).float()
+    return torch.from_numpy(np.array(array, dtype=np.float32))
+
+
+def feature_shard_names(rank: int) -> tuple[str, str]:
+    """(posterior file, label file) of one extraction process."""
+    return f"posteriors_{rank:03d}.npy", f"labels_{rank:03d}.npy"
+
+
+class LatentFeatures(torch.utils.data.Dataset):
+    """VAE posteriors of a whole dataset: item i is ((unflipped, flipped) x (mean, std), label).
+
+    Storing the posterior rather than one draw keeps training exactly as with on-the-fly encoding:
+    train.py draws the latent from it every step, the same way diffusers does. Image i of the
+    ImageFolder sits in shard i % num_shards, row i // num_shards, so indices (and thus the
+    sampler's batches) are the ImageFolder's.
+    """
+
+    def __init__(self, feature_path: str):
+        self.root = Path(feature_path)
+        meta_file = self.root / FEATURES_META
+        if not meta_file.is_file():
+            raise ValueError(f"--feature-path {feature_path} has no {FEATURES_META}: run extract_features.py "
+                             f"into it first (an interrupted extraction never writes this file)")
+        self.meta = json.loads(meta_file.read_text())
+        self.channels, self.latent_size = self.meta["channels"], self.meta["latent_size"]
+        self.scale = self.meta["scale"]
+        self.shards = self.meta["shards"]
+        self._arrays = None  # memory maps are opened lazily, once per data-loader worker
+
+    def check_matches(self, image_size: int, num_classes: int) -> None:
+        if self.meta["image_size"] != image_size:
+            raise ValueError(f"--feature-path {self.root} holds {self.meta['image_size']}px latents, "
+                             f"but --image-size is {image_size}")
+        if self.meta["num_classes"] > num_classes:
+            raise ValueError(f"--feature-path {self.root} has {self.meta['num_classes']} classes, "
+                             f"but --num-classes is {num_classes}")
+
+    def __len__(self) -> int:
+        return self.meta["num_images"]
+
+    def __getitem__(self, index: int):
+        if self._arrays is None:
+            self._arrays = [(np.load(self.root / s["posteriors"], mmap_mode="r"), np.load(self.root / s["labels"]))
+                            for s in self.shards]
+        posteriors, labels = self._arrays[index % len(self.shards)]
+        row = index // len(self.shards)
+        return from_stored(posteriors[row], self.meta.get("dtype", "float32")), int(labels[row])

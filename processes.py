@@ -1,0 +1,113 @@
+"""Processes and the command line: devices, the DDP world, generators, logging, one-line errors."""
+import argparse
+import logging
+import os
+import sys
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Callable, Iterator, Optional, TypeVar, Union
+
+import torch
+import torch.distributed as dist
+
+from download import DownloadError
+
+
+T = TypeVar("T")
+
+
+def run_cli(main, args: argparse.Namespace) -> None:
+    """Run a script's main; a mistake in its input ends it with one line naming the problem, not a traceback."""
+    try:
+        main(args)
+    except (ValueError, OSError, FloatingPointError, DownloadError) as error:
+        sys.exit(f"{Path(sys.argv[0]).name}: error: {error}")
+
+
+def resolve_device(choice: str) -> torch.device:
+    """'auto' takes CUDA when present; 'cuda' without a GPU is an error, not a silent fallback."""
+    if choice not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"--device must be auto, cuda or cpu, got {choice!r}")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but PyTorch sees no CUDA device")
+    if choice == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
+@contextmanager
+def distributed(device_choice: str) -> Iterator[tuple[int, int, torch.device]]:
+    """Join the torchrun world (NCCL on CUDA, gloo on CPU), or make a world of one for plain python,
+    for the body of a with-block; the process group is torn down however the body ends.
+
+    Yields (rank, world_size, device); the device uses LOCAL_RANK, so multi-node runs work.
+    """
+    device = resolve_device(device_choice)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend, timeout=timedelta(minutes=30))
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield dist.get_rank(), dist.get_world_size(), device
+    finally:
+        dist.destroy_process_group()
+
+
+def rank_zero_decides(rank: int, decide: Callable[[], T]) -> T:
+    """decide() run on rank 0, its (picklable) result given to every rank; a ValueError or OSError it
+    raises is raised on every rank, so none is left waiting in a collective for a rank that stopped."""
+    outcome = [None, None]
+    if rank == 0:
+        try:
+            outcome = [decide(), None]
+        except (ValueError, OSError) as error:
+            outcome = [None, error]
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[1] is not None:
+        raise outcome[1]
+    return outcome[0]
+
+
+def forked_rng(device: torch.device):
+    """A context in which the global CPU generator (and the device's, on CUDA) can be drawn from
+    without the draws showing outside it: for building or running anything besides the trained DiT."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
+def require_positive(args: argparse.Namespace, *flags: str) -> None:
+    """Each named integer flag that is set must be at least 1."""
+    for flag in flags:
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+
+
+def create_logger(logging_dir: Optional[Union[str, Path]], rank: int) -> logging.Logger:
+    """Rank 0 logs to the terminal and to logging_dir/log.txt; other ranks stay silent. The files of
+    an earlier logger of this process are closed (close_logger)."""
+    logger = logging.getLogger("DiT")
+    close_logger(logger)
+    logger.propagate = False
+    if rank == 0:
+        formatter = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+        handlers = [logging.StreamHandler()]
+        if logging_dir is not None:
+            handlers.append(logging.FileHandler(Path(logging_dir) / "log.txt"))
+        for handler in handlers:
+            handler.setFormatter(formatter)
+            logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    else:
+        logger.addHandler(logging.NullHandler())
+        logger.setLevel(logging.CRITICAL)
+    return logger
+
+
+def close_logger(logger: logging.Logger) -> None:
+    for handler in list(logger.handlers):
+        handler.close()
+        logger.removeHandler(handler)
