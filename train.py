@@ -2,7 +2,8 @@
 
 Does what the official script does (same flags and defaults), and adds: CPU/gloo runs and plain
 `python train.py`, any image size, pixel-space or local VAEs, pre-extracted latents, exact resume,
-mixed precision, gradient checkpointing, torch.compile, warm-up, clipping, sample grids, metrics.
+mixed precision, gradient checkpointing, torch.compile, warm-up, clipping, sample grids, metrics,
+fine-tuning, gradient accumulation, learning-rate decay, TensorBoard and W&B.
 """
 import argparse
 import errno
@@ -36,6 +37,7 @@ from latents import LatentFeatures, decode, encode_posterior, latent_shape, load
 from models import BLOCK_DESIGNS, DiT_models
 from processes import close_logger, create_logger, distributed, forked_rng, rank_zero_decides, require_positive, run_cli
 from sampling import SAMPLERS, guided_batch, run_sampler, sampling_diffusion
+from tracking import REPORT_TO, open_tracker, require_tracker
 from weights import load_init_weights, load_weights
 
 
@@ -96,7 +98,7 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 # change needs --allow-changed-args. The ones in NOT_COMPARED say where and how to resume.
 FREE_TO_CHANGE = {"max_steps", "epochs", "log_every", "ckpt_every", "keep_last", "keep_every", "num_workers", "sample_every", "sample_steps",
                   "sample_cfg_scale", "sample_grid_size", "fid_every", "fid_ref", "fid_samples", "fid_sampler", "fid_steps",
-                  "fid_cfg_scale", "inception"}
+                  "fid_cfg_scale", "inception", "report_to"}
 FIXED = ("model", "block", "image_size", "num_classes", "vae", "feature_path")
 NOT_COMPARED = {"resume", "results_dir", "allow_changed_args", "check_data", "init_from"}
 
@@ -266,6 +268,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--fid-every needs --fid-ref STATS.npz (write one with evaluate.py DATA --save-stats STATS.npz)")
     if not 0 <= args.ema_decay < 1:
         raise ValueError(f"--ema-decay must lie in [0, 1), got {args.ema_decay}")
+    require_tracker(args.report_to)
 
 
 # ---- the run -----------------------------------------------------------------------------------
@@ -428,11 +431,14 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
     previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     sample_noise, sample_labels = fixed_sample_inputs(args, channels, latent_size, device)
     metrics_file = scope.enter_context(open(experiment_dir / "metrics.jsonl", "a")) if rank == 0 else None
+    tracker = open_tracker(args.report_to, experiment_dir, args, train_steps if checkpoint_path else None) if rank == 0 else None
+    if tracker is not None:
+        scope.callback(tracker.close)
     max_steps = args.max_steps if args.max_steps is not None else args.epochs * steps_per_epoch
     progress = make_progress_bar(rank, train_steps, max_steps)
     model.train()
     ema.eval()
-    running_loss, log_steps, start_time = torch.zeros((), dtype=torch.float64, device=device), 0, time.time()
+    running, start_time = RunningMetrics(diffusion.num_timesteps, device), time.time()
     first_bad_step, last_checkpoint = torch.tensor(NEVER, device=device), checkpoint_path
 
     def check_health() -> bool:
@@ -480,22 +486,24 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
                 # DDP all-reduces the gradients once, after the last micro-batch's backward.
                 with ddp_model.no_sync() if index < len(micro_batches) - 1 else nullcontext():
                     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                        part_loss = diffusion.training_losses(train_model, x[part], t[part], labels,
-                                                              noise=noise[part])["loss"].mean() / len(micro_batches)
+                        terms = diffusion.training_losses(train_model, x[part], t[part], labels, noise=noise[part])
+                        part_loss = terms["loss"].mean() / len(micro_batches)
                     scaler.scale(part_loss).backward()
                 loss += part_loss.detach()
+                running.add_terms(t[part], terms)
+            scaler.unscale_(opt)  # a no-op unless fp16's scaler is on: the norm and the clipping see true gradients
             if args.grad_clip is not None:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            else:
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
             scaler.step(opt)
             scaler.update()
             update_ema(ema, model, args.ema_decay)
 
             # No host sync here: the loss is summed, and a non-finite one recorded, on the device.
-            running_loss += loss.detach()
+            running.add_step(loss, grad_norm)
             first_bad_step = torch.where(torch.isfinite(loss.detach()) | (first_bad_step != NEVER),
                                          first_bad_step, train_steps + 1)
-            log_steps += 1
             train_steps += 1
             position += 1
             if progress is not None:
@@ -508,12 +516,14 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
             if done or at_checkpoint or train_steps % args.log_every == 0 or train_steps % HEALTH_CHECK_EVERY == 0:
                 done = check_health() or done
             if train_steps % args.log_every == 0:
-                log_metrics(logger, metrics_file, device, running_loss, log_steps, start_time, train_steps, max_steps,
-                            args, opt)
-                running_loss, log_steps, start_time = torch.zeros((), dtype=torch.float64, device=device), 0, time.time()
+                log_metrics(logger, metrics_file, tracker, device, running, start_time, train_steps, max_steps, args, opt)
+                running, start_time = RunningMetrics(diffusion.num_timesteps, device), time.time()
             evaluated = time.time()
             if args.sample_every and train_steps % args.sample_every == 0 and rank == 0:
-                write_sample_grid(ema, vae, sample_noise, sample_labels, args, experiment_dir / "samples" / f"{train_steps:07d}.png")
+                grid = experiment_dir / "samples" / f"{train_steps:07d}.png"
+                write_sample_grid(ema, vae, sample_noise, sample_labels, args, grid)
+                if tracker is not None:
+                    tracker.log_image("samples", grid, train_steps)
             if args.fid_every and train_steps % args.fid_every == 0:
                 fid_features = ema_fid(ema, vae, fid_network, args, rank, world_size, channels, latent_size,
                                        local_batch, device)
@@ -524,7 +534,7 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
                     logger.info(f"(step={train_steps:07d}) FID-{args.fid_samples}: {record['fid']:.4f} (EMA weights, "
                                 f"{args.fid_sampler} {args.fid_steps} steps, cfg-scale {args.fid_cfg_scale}, "
                                 f"{record['fid_seconds']:.1f} s)")
-                    write_record(metrics_file, record)
+                    write_record(metrics_file, record, tracker)
             start_time += time.time() - evaluated  # throughput counts training only
             if at_checkpoint or done:
                 last_checkpoint = save_checkpoint()
@@ -566,28 +576,70 @@ def learning_rate(args: argparse.Namespace, train_steps: int, total_steps: int) 
     return args.lr_min + (args.lr - args.lr_min) * shape
 
 
-def log_metrics(logger, metrics_file, device, running_loss, log_steps, start_time, train_steps, max_steps, args,
-                opt) -> None:
-    """Loss averaged over ranks and the last log_steps steps, with throughput, peak memory and the
-    training time left at this speed."""
+class RunningMetrics:
+    """What a log line reports, summed on the device between log lines (no host sync): the loss,
+    the gradient norm, and each loss term by timestep quartile (IDDPM's loss_q0..loss_q3)."""
+
+    TERMS = ("loss", "mse", "vb")
+
+    def __init__(self, num_timesteps: int, device: torch.device):
+        self.num_timesteps = num_timesteps
+        self.steps = 0
+        self.step_sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, finite grad norms, their count
+        self.quartile_sums = torch.zeros(len(self.TERMS) + 1, 4, dtype=torch.float64, device=device)  # last row: counts
+
+    def add_step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        finite = torch.isfinite(grad_norm)  # fp16's scaler skips the steps whose norm overflowed
+        self.step_sums += torch.stack([loss.detach().double(), torch.where(finite, grad_norm.double(), 0.0),
+                                       finite.double()])
+        self.steps += 1
+
+    def add_terms(self, t: torch.Tensor, terms: dict) -> None:
+        quartile = t * 4 // self.num_timesteps
+        for row, name in enumerate(self.TERMS):
+            if name in terms:
+                self.quartile_sums[row].index_add_(0, quartile, terms[name].detach().double())
+        self.quartile_sums[-1].index_add_(0, quartile, torch.ones_like(quartile, dtype=torch.float64))
+
+    def reduce(self) -> dict:
+        """Collective: the loss averaged over steps and ranks (as the official log line), the mean
+        gradient norm, and each term's mean over all samples of a quartile, on every rank."""
+        sums = torch.cat([self.step_sums, self.quartile_sums.flatten()])
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+        sums = sums.tolist()
+        (loss, norms, finite), quartiles = sums[:3], torch.tensor(sums[3:]).view(len(self.TERMS) + 1, 4)
+        record = {"loss": loss / self.steps / dist.get_world_size(),
+                  "grad_norm": norms / finite if finite else float("nan")}
+        for row, name in enumerate(self.TERMS):
+            for q in range(4):
+                if quartiles[-1, q] > 0 and (name != "vb" or quartiles[row].any()):
+                    record[f"{name}_q{q}"] = (quartiles[row, q] / quartiles[-1, q]).item()
+        return record
+
+
+def log_metrics(logger, metrics_file, tracker, device, running: RunningMetrics, start_time, train_steps, max_steps,
+                args, opt) -> None:
+    """The official log line (loss averaged over ranks and steps, steps/s), with throughput, peak
+    memory and the training time left at this speed; metrics.jsonl and the tracker also get the
+    learning rate, gradient norm and the loss terms by timestep quartile."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    steps_per_sec = log_steps / (time.time() - start_time)
-    avg_loss = running_loss / log_steps
-    dist.all_reduce(avg_loss, op=dist.ReduceOp.SUM)
-    avg_loss = avg_loss.item() / dist.get_world_size()
-    record = {"step": train_steps, "loss": avg_loss, "steps_per_sec": steps_per_sec,
+    steps_per_sec = running.steps / (time.time() - start_time)
+    reduced = running.reduce()
+    record = {"step": train_steps, "loss": reduced.pop("loss"), "steps_per_sec": steps_per_sec,
               "images_per_sec": steps_per_sec * args.global_batch_size, "peak_memory_mb": peak_memory_mb(device),
-              "lr": opt.param_groups[0]["lr"]}
+              "lr": opt.param_groups[0]["lr"], **reduced}
     left = timedelta(seconds=round(max(max_steps - train_steps, 0) / steps_per_sec))
-    logger.info(f"(step={train_steps:07d}) Train Loss: {avg_loss:.4f}, Train Steps/Sec: {steps_per_sec:.2f}, "
+    logger.info(f"(step={train_steps:07d}) Train Loss: {record['loss']:.4f}, Train Steps/Sec: {steps_per_sec:.2f}, "
                 f"Images/Sec: {record['images_per_sec']:.1f}, Peak Memory: {record['peak_memory_mb']:.0f} MB, "
                 f"Time Left: {left}")
-    write_record(metrics_file, record)
+    write_record(metrics_file, record, tracker)
 
 
-def write_record(metrics_file, record: dict) -> None:
-    """One JSON line in metrics.jsonl (rank 0 only; others pass None)."""
+def write_record(metrics_file, record: dict, tracker=None) -> None:
+    """One JSON line in metrics.jsonl, and the same numbers to the tracker (rank 0 only; others pass None)."""
+    if tracker is not None:
+        tracker.log(record)
     if metrics_file is not None:
         try:
             metrics_file.write(json.dumps(record) + "\n")
@@ -731,6 +783,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     extra.add_argument("--fid-steps", type=int, default=50, help="sampling steps for those samples")
     extra.add_argument("--fid-cfg-scale", type=float, default=1.0, help="guidance for them (1: none, as the paper's curves)")
     extra.add_argument("--inception", type=str, default=None, help="local FID network weights (default: download)")
+    extra.add_argument("--report-to", choices=REPORT_TO, default="none",
+                       help="also send metrics and sample grids to TensorBoard or W&B (optional installs)")
     return parser.parse_args(argv)
 
 

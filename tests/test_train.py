@@ -246,8 +246,10 @@ def test_non_finite_loss_names_the_step_and_keeps_the_last_checkpoint(tmp_path, 
     ("bad-vae", "--vae must be ema, mse, none or a local AutoencoderKL folder"),
     ("fid-without-reference", "--fid-every needs --fid-ref STATS.npz"),
     ("fid-reference-missing", "--fid-ref nothing.npz: no such file"),
+    ("tensorboard-missing", "--report-to tensorboard needs the tensorboard package: pip install tensorboard"),
+    ("wandb-missing", "--report-to wandb needs the wandb package: pip install wandb"),
 ])
-def test_bad_inputs_fail_before_work(tmp_path, image_folder_path, case, message):
+def test_bad_inputs_fail_before_work(tmp_path, image_folder_path, case, message, monkeypatch):
     args = {"data": ["--data-path", image_folder_path], "batch": ["--global-batch-size", "4"], "rest": PIXEL}
     if case == "missing-data":
         args["data"] = []
@@ -266,7 +268,12 @@ def test_bad_inputs_fail_before_work(tmp_path, image_folder_path, case, message)
         args["rest"] = PIXEL + ["--fid-every", "2"]
     elif case == "fid-reference-missing":
         args["rest"] = PIXEL + ["--fid-every", "2", "--fid-ref", "nothing.npz"]
-    with pytest.raises(ValueError, match=re.escape(message)):  # run_cli makes it one line (tested above)
+    elif case.endswith("-missing"):  # as if the optional package were not installed
+        package = case.removesuffix("-missing")
+        monkeypatch.setitem(sys.modules, package, None)
+        monkeypatch.delitem(sys.modules, "torch.utils.tensorboard", raising=False)
+        args["rest"] = PIXEL + ["--report-to", package]
+    with pytest.raises((ValueError, ImportError), match=re.escape(message)):  # run_cli makes it one line (tested above)
         run_main("train.py", *args["data"], *args["batch"], *args["rest"], "--results-dir", tmp_path / "r")
     assert not any((tmp_path / "r").rglob("*.pt"))
 
@@ -721,3 +728,55 @@ def test_compact_latents_differ_from_float32_only_by_the_stored_rounding(tmp_pat
             run_main("train.py", *train, "--feature-path", tmp_path / name, "--results-dir", tmp_path / f"run-{name}")
             losses[name] = [r["loss"] for r in metrics(only_experiment(tmp_path / f"run-{name}"))]
         assert losses[dtype] == losses[f"rounded-{dtype}"] and len(losses[dtype]) == 3
+
+
+def test_loss_terms_are_averaged_by_timestep_quartile():
+    from processes import distributed
+    from train import RunningMetrics
+    with distributed("cpu"):
+        running = RunningMetrics(1000, torch.device("cpu"))
+        t = torch.tensor([0, 249, 250, 999, 998])
+        running.add_terms(t, {"loss": torch.tensor([1.0, 2.0, 3.0, 4.0, 6.0]), "mse": torch.tensor([1.0, 1, 1, 1, 1])})
+        running.add_step(torch.tensor(2.0), torch.tensor(3.0))
+        running.add_step(torch.tensor(4.0), torch.tensor(float("inf")))  # an fp16 step the scaler skipped
+        record = running.reduce()
+    assert record == {"loss": 3.0, "grad_norm": 3.0, "loss_q0": 1.5, "loss_q1": 3.0, "loss_q3": 5.0,
+                      "mse_q0": 1.0, "mse_q1": 1.0, "mse_q3": 1.0}  # no sample in q2, no vb term
+
+
+def test_report_to_tensorboard_and_wandb_get_every_number_and_grid(tmp_path, image_folder_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")  # W&B without network: the run is written for `wandb sync`
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    runs = {}
+    for tracker in ("tensorboard", "wandb"):
+        run_main("train.py", "--data-path", image_folder_path, "--results-dir", tmp_path / tracker,
+                 "--global-batch-size", "8", "--max-steps", "4", "--log-every", "2", "--ckpt-every", "100",
+                 "--sample-every", "4", "--sample-steps", "2", "--sample-grid-size", "4", "--report-to", tracker, *PIXEL)
+        runs[tracker] = only_experiment(tmp_path / tracker)
+    records = metrics(runs["tensorboard"])
+    measured = ("steps_per_sec", "images_per_sec", "peak_memory_mb")  # of the machine, not of the training
+    assert [{k: v for k, v in r.items() if k not in measured} for r in records] == \
+        [{k: v for k, v in r.items() if k not in measured} for r in metrics(runs["wandb"])]  # trackers change nothing
+    for record in records:
+        assert record["grad_norm"] > 0 and math.isfinite(record["grad_norm"])
+        quartiles = [q for q in range(4) if f"loss_q{q}" in record]
+        assert quartiles, record
+        for q in quartiles:  # DiT learns sigma: its loss is the mse plus the vb term
+            assert record[f"loss_q{q}"] == pytest.approx(record[f"mse_q{q}"] + record[f"vb_q{q}"], rel=1e-6)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(runs["tensorboard"] / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    for record in records:
+        for key, value in record.items():
+            if key != "step":
+                logged = {e.step: e.value for e in events.Scalars(key)}
+                assert logged[record["step"]] == pytest.approx(value, rel=1e-6), key
+    (grid,) = events.Images("samples")
+    assert (grid.step, grid.width, grid.height) == (4, 2 * 16 + 3 * 2, 2 * 16 + 3 * 2)
+
+    (run,) = (runs["wandb"] / "wandb").glob("offline-run-*")
+    assert run.name.endswith((runs["wandb"] / "wandb-run-id").read_text().strip())
+    history = next(run.glob("run-*.wandb")).read_bytes()
+    assert all(key.encode() in history for key in records[0])
+    assert len(list(run.rglob("media/images/samples_*.png"))) == 1
