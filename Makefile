@@ -14,7 +14,7 @@ $(VENV)/.installed: requirements.txt requirements-trackers.txt
 	touch $@
 
 test: $(VENV)/.demo-installed
-	$(PY) -m pytest -q -m "not gpu and not slow"
+	$(PY) -m pytest -q --durations=8 -m "not gpu and not slow"
 
 # The checks that take minutes on a 2-core CPU: every bench script in smoke mode, torch.compile.
 test-all: test

@@ -406,11 +406,19 @@ def DiT_S_4(**kwargs): return DiT(depth=12, hidden_size=384, patch_size=4, num_h
 def DiT_S_8(**kwargs): return DiT(depth=12, hidden_size=384, patch_size=8, num_heads=6, **kwargs)
 
 
-# Not in the paper: small widths for CPU experiments, demos and tests. Ti follows ViT-Ti.
+# Not in the paper: small widths for CPU experiments, demos and tests. Ti follows ViT-Ti; Pico <
+# Nano < Micro (head width 32) are the model sizes of experiments/scaling.py's grid.
 def DiT_Ti_2(**kwargs): return DiT(depth=12, hidden_size=192, patch_size=2, num_heads=3, **kwargs)
 def DiT_Ti_4(**kwargs): return DiT(depth=12, hidden_size=192, patch_size=4, num_heads=3, **kwargs)
+def DiT_Micro_2(**kwargs): return DiT(depth=6, hidden_size=192, patch_size=2, num_heads=6, **kwargs)
+def DiT_Micro_4(**kwargs): return DiT(depth=6, hidden_size=192, patch_size=4, num_heads=6, **kwargs)
+def DiT_Micro_8(**kwargs): return DiT(depth=6, hidden_size=192, patch_size=8, num_heads=6, **kwargs)
 def DiT_Nano_2(**kwargs): return DiT(depth=4, hidden_size=128, patch_size=2, num_heads=4, **kwargs)
 def DiT_Nano_4(**kwargs): return DiT(depth=4, hidden_size=128, patch_size=4, num_heads=4, **kwargs)
+def DiT_Nano_8(**kwargs): return DiT(depth=4, hidden_size=128, patch_size=8, num_heads=4, **kwargs)
+def DiT_Pico_2(**kwargs): return DiT(depth=4, hidden_size=64, patch_size=2, num_heads=2, **kwargs)
+def DiT_Pico_4(**kwargs): return DiT(depth=4, hidden_size=64, patch_size=4, num_heads=2, **kwargs)
+def DiT_Pico_8(**kwargs): return DiT(depth=4, hidden_size=64, patch_size=8, num_heads=2, **kwargs)
 
 
 DiT_models = {
@@ -418,7 +426,10 @@ DiT_models = {
     "DiT-L/2": DiT_L_2, "DiT-L/4": DiT_L_4, "DiT-L/8": DiT_L_8,
     "DiT-B/2": DiT_B_2, "DiT-B/4": DiT_B_4, "DiT-B/8": DiT_B_8,
     "DiT-S/2": DiT_S_2, "DiT-S/4": DiT_S_4, "DiT-S/8": DiT_S_8,
-    "DiT-Ti/2": DiT_Ti_2, "DiT-Ti/4": DiT_Ti_4, "DiT-Nano/2": DiT_Nano_2, "DiT-Nano/4": DiT_Nano_4,
+    "DiT-Ti/2": DiT_Ti_2, "DiT-Ti/4": DiT_Ti_4,
+    "DiT-Micro/2": DiT_Micro_2, "DiT-Micro/4": DiT_Micro_4, "DiT-Micro/8": DiT_Micro_8,
+    "DiT-Nano/2": DiT_Nano_2, "DiT-Nano/4": DiT_Nano_4, "DiT-Nano/8": DiT_Nano_8,
+    "DiT-Pico/2": DiT_Pico_2, "DiT-Pico/4": DiT_Pico_4, "DiT-Pico/8": DiT_Pico_8,
 }
 
 

@@ -26,8 +26,8 @@ def require_tracker(report_to: str) -> None:
             from torch.utils.tensorboard import SummaryWriter  # noqa: F401 (needs the tensorboard package)
         else:
             import wandb  # noqa: F401
-    except ImportError:
-        raise ImportError(f"--report-to {report_to} needs the {PACKAGES[report_to]} package: "
+    except ImportError:  # a ValueError: the scripts print it as one line
+        raise ValueError(f"--report-to {report_to} needs the {PACKAGES[report_to]} package: "
                           f"pip install {PACKAGES[report_to]} (or pip install -r requirements-trackers.txt)") from None
 
 

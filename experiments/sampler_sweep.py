@@ -53,9 +53,10 @@ def draw(model, config: dict, sampler: str, steps: int, interval, cfg_scale: flo
     started = time.time()
     samples = []
     for start in range(0, len(labels), batch_size):
-        x, model_fn, kwargs = guided_batch(noise[start: start + batch_size], labels[start: start + batch_size],
-                                           config["num_classes"], cfg_scale, model, guided=True, interval=interval)
-        samples.append(run_sampler(diffusion, sampler, model_fn, x, kwargs, pixels=True)[: len(x) // 2])
+        batch = noise[start: start + batch_size]
+        x, model_fn, kwargs = guided_batch(batch, labels[start: start + batch_size], config["num_classes"], cfg_scale,
+                                           model, interval=interval)  # guided when cfg_scale > 1
+        samples.append(run_sampler(diffusion, sampler, model_fn, x, kwargs, pixels=True)[: len(batch)])
     return torch.cat(samples), time.time() - started
 
 

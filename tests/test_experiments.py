@@ -50,3 +50,27 @@ def test_fine_tune_experiment_smoke(tmp_path):
     log = next((tmp_path / "fine-tune").iterdir()) / "log.txt"
     assert "Initialised from" in log.read_text() and "re-initialised the label table" in log.read_text()
     assert "| fine-tuned from 0-4 | 2 |" in (tmp_path / "fine_tune.md").read_text()
+
+
+def test_scaling_experiment_smoke(tmp_path):
+    import scaling
+
+    flags = ["--out", str(tmp_path / "out"), "--plots", str(tmp_path / "plots" / "scaling"), "--sizes", "Pico", "Nano",
+             "--patches", "8", "4", "--steps", "3", "--global-batch-size", "8", "--fid-samples", "2",
+             "--eval-samples", "10", "--reference", "10", "--digits", "100", "--nproc", "1"]
+    result = scaling.main(flags)
+    cells = result["cells"]
+    assert [c["model"] for c in cells] == ["DiT-Pico/8", "DiT-Pico/4", "DiT-Nano/8", "DiT-Nano/4"]
+    assert [(c["width"], c["depth"], c["patch"], c["tokens"]) for c in cells] == [
+        (64, 4, 8, 4), (64, 4, 4, 16), (128, 4, 8, 4), (128, 4, 4, 16)]
+    # Forward Gflops grow with width and with tokens, and the compute column is Gflops x batch x steps x 3.
+    assert cells[0]["gflops"] < cells[1]["gflops"] and cells[2]["gflops"] < cells[3]["gflops"]
+    assert cells[0]["gflops"] < cells[2]["gflops"] and cells[1]["gflops"] < cells[3]["gflops"]
+    assert all(c["compute"] == pytest.approx(c["gflops"] * 8 * 3 * 3) for c in cells)
+    assert all([step for step, _ in c["curve"]] == [1, 2, 3] for c in cells)  # --fid-every a third of the run
+    assert all(c["fid"] > 0 and 0 <= c["accuracy"] <= 1 and c["loss"] > 0 for c in cells)
+    assert -1 <= result["summary"]["r_fid_log_gflops"] <= 1
+    assert all(path.stat().st_size > 0 for path in result["plots"]) and len(result["plots"]) == 3
+    assert (tmp_path / "out" / "scaling.md").read_text().count("| DiT-") == 4
+    again = scaling.main(flags)  # every cell is stored: nothing is trained or sampled again
+    assert again["table"] == result["table"]
