@@ -127,22 +127,24 @@ def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--per-class", type=int, default=20, help="generated digits per class (accuracy and FID)")
     parser.add_argument("--fid-reference", type=int, default=500, help="real digits behind the FID statistics")
     parser.add_argument("--nproc", type=int, default=min(2, os.cpu_count() or 1),
-                        help="training processes (torchrun, one thread each): on 2 cores a model this small "
+                        help="training processes (several: torchrun, one thread each; 1: plain python): on 2 cores a model this small "
                              "trains faster as two one-thread processes than as one two-thread process")
 
 
 def train(args: argparse.Namespace, data: Path, results: Path, *extra: str) -> Path:
-    """Run train.py with the recipe under torchrun (continuing an unfinished run); returns its experiment folder."""
+    """Run train.py with the recipe, under torchrun for more than one process (continuing an
+    unfinished run); returns its experiment folder."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"] if args.nproc > 1 else []
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-        str(ROOT / "train.py"), "--data-path", str(data), "--results-dir", str(results),
+        sys.executable, *launcher, str(ROOT / "train.py"), "--data-path", str(data), "--results-dir", str(results),
         "--model", args.model, "--image-size", str(args.image_size), "--vae", "none", "--num-classes", "10",
         "--no-random-flip", "--global-batch-size", str(args.global_batch_size), "--max-steps", str(args.max_steps),
         "--lr", str(args.lr), "--warmup-steps", str(args.warmup_steps), "--ema-decay", str(args.ema_decay),
         "--ckpt-every", str(args.max_steps), "--num-workers", "0", "--device", "cpu", "--resume", "auto", *extra,
     ]
     print("[mnist] " + " ".join(command[1:]), flush=True)
-    subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    threads = {"OMP_NUM_THREADS": "1"} if args.nproc > 1 else {}  # one thread per process beside others
+    subprocess.run(command, check=True, env={**os.environ, **threads})
     return sorted(results.iterdir())[-1]
 
 

@@ -10,6 +10,7 @@ def pins(lines):
 
 def test_conda_environment_pins_the_same_packages_as_requirements():
     requirements = pins((ROOT / "requirements.txt").read_text().splitlines())
+    requirements |= pins((ROOT / "requirements-trackers.txt").read_text().splitlines())
     conda = pins((ROOT / "environment.yml").read_text().splitlines())
     assert requirements == conda
     assert {"torch==2.14.1", "torchvision==0.29.1"} <= requirements
