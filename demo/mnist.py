@@ -127,8 +127,9 @@ def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--per-class", type=int, default=20, help="generated digits per class (accuracy and FID)")
     parser.add_argument("--fid-reference", type=int, default=500, help="real digits behind the FID statistics")
     parser.add_argument("--nproc", type=int, default=min(2, os.cpu_count() or 1),
-                        help="training processes (several: torchrun, one thread each; 1: plain python): on 2 cores a model this small "
-                             "trains faster as two one-thread processes than as one two-thread process")
+                        help="training processes (several: torchrun, one thread each; 1: plain python): on 2 "
+                             "cores a model this small trains faster as two one-thread processes than as one "
+                             "two-thread process")
 
 
 def train(args: argparse.Namespace, data: Path, results: Path, *extra: str) -> Path:
