@@ -11,7 +11,8 @@
 3. Prints and writes scaling.md and scaling.json, and three plots: FID vs training steps, one panel
    per patch size (the paper's Figure 6); FID vs forward Gflops with the correlation (Figure 8);
    FID vs training compute, Gflops x batch x steps x 3 (Figure 9).
-A rerun skips finished cells and continues an unfinished training run.
+A rerun skips finished cells and continues an unfinished training run (whose train time then counts
+only the part run last).
 """
 import argparse
 import json

@@ -780,3 +780,14 @@ def test_report_to_tensorboard_and_wandb_get_every_number_and_grid(tmp_path, ima
     history = next(run.glob("run-*.wandb")).read_bytes()
     assert all(key.encode() in history for key in records[0])
     assert len(list(run.rglob("media/images/samples_*.png"))) == 1
+
+    # A resumed run continues the same W&B run and the same TensorBoard curves.
+    for tracker in ("tensorboard", "wandb"):
+        run_main("train.py", "--data-path", image_folder_path, "--results-dir", tmp_path / tracker,
+                 "--global-batch-size", "8", "--max-steps", "6", "--log-every", "2", "--ckpt-every", "100",
+                 "--report-to", tracker, "--resume", "auto", *PIXEL)
+    run_ids = {r.name.rsplit("-", 1)[-1] for r in (runs["wandb"] / "wandb").glob("offline-run-*")}
+    assert run_ids == {(runs["wandb"] / "wandb-run-id").read_text().strip()}
+    events = EventAccumulator(str(runs["tensorboard"] / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [2, 4, 6]
