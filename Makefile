@@ -14,6 +14,7 @@ $(VENV)/.installed: requirements.txt requirements-trackers.txt
 	touch $@
 
 test: $(VENV)/.demo-installed
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q --durations=8 -m "not gpu and not slow"
 
 # The checks that take minutes on a 2-core CPU: every bench script in smoke mode, torch.compile.
@@ -32,16 +33,16 @@ $(VENV)/.demo-installed: $(VENV)/.installed
 	touch $@
 
 demo: $(VENV)/.demo-installed
-	$(PY) demo/mnist.py
+	$(PY) -m demo.mnist
 
 table: setup
-	$(PY) bench/model_table.py
+	$(PY) -m bench.model_table
 
 # The CPU benchmark set (about 15 minutes on 2 cores); the tables also land in results/bench.md.
 bench: setup
 	mkdir -p results
-	set -o pipefail; ( $(PY) bench/peak.py && echo && $(PY) bench/model_speed.py && echo && $(PY) bench/switches.py && echo \
-	  && $(PY) bench/train_e2e.py && echo && $(PY) bench/sample_speed.py ) | tee results/bench.md
+	set -o pipefail; ( $(PY) -m bench.peak && echo && $(PY) -m bench.model_speed && echo && $(PY) -m bench.switches && echo \
+	  && $(PY) -m bench.train_e2e && echo && $(PY) -m bench.sample_speed ) | tee results/bench.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,10 +1,5 @@
-"""Move DiT weights to and from Hugging Face diffusers' DiTTransformer2DModel.
-
-    python diffusers_interop.py export --ckpt results/.../0400000.pt --out dit-diffusers [--vae ema]
-    python diffusers_interop.py import --folder dit-diffusers --out dit.pt [--model DiT-XL/2]
-
-Export writes a DiTTransformer2DModel folder (and, with --vae, a DiTPipeline folder around it);
-import writes a state dict that models.py loads with strict=True. The round trip is exact.
+"""DiT weights to and from Hugging Face diffusers' DiTTransformer2DModel (the one place that knows
+diffusers' names; convert_diffusers.py is its command line). The round trip is exact.
 
 diffusers keeps a copy of the timestep and label embedders inside every block (the copies are the
 same tensors here), splits the fused qkv projection into q, k and v, and recomputes the position
@@ -12,12 +7,12 @@ table itself. Its forward is not bit-identical to ours: its timestep features us
 exp(-ln(10000) i / (half - 1)) where DiT uses / half, so the same weights see a slightly different
 timestep embedding (see README for the measured gap).
 """
-import argparse
+import json
 from pathlib import Path
+from typing import Union
 
 import torch
 
-from files import atomic_torch_save
 from models import DiT, get_2d_sincos_pos_embed
 
 
@@ -59,7 +54,8 @@ def to_diffusers(model: DiT):
             converted[f"{theirs}attn1.to_out.0.{kind}"] = ours[f"{mine}attn.proj.{kind}"]
             converted[f"{theirs}ff.net.0.proj.{kind}"] = ours[f"{mine}mlp.fc1.{kind}"]
             converted[f"{theirs}ff.net.2.{kind}"] = ours[f"{mine}mlp.fc2.{kind}"]
-        converted[f"{theirs}norm1.emb.class_embedder.embedding_table.weight"] = ours["y_embedder.embedding_table.weight"]
+        labels = ours["y_embedder.embedding_table.weight"]
+        converted[f"{theirs}norm1.emb.class_embedder.embedding_table.weight"] = labels
     transformer = DiTTransformer2DModel(**transformer_config(model))
     transformer.load_state_dict({k: v.clone() for k, v in converted.items()}, strict=True)
     return transformer.eval()
@@ -107,55 +103,32 @@ def model_kwargs_from_diffusers(config) -> dict:
                 learn_sigma=config.out_channels == 2 * config.in_channels)
 
 
-def main() -> None:
-    from processes import run_cli
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    export = commands.add_parser("export", help="DiT checkpoint -> diffusers folder")
-    export.add_argument("--ckpt", required=True, help="a train.py checkpoint, a state dict or .safetensors")
-    export.add_argument("--out", required=True)
-    export.add_argument("--model", default=None)
-    export.add_argument("--image-size", type=int, default=None)
-    export.add_argument("--num-classes", type=int, default=None)
-    export.add_argument("--vae", default=None, help="also write a DiTPipeline with this VAE (ema, mse or a folder)")
-    export.add_argument("--weights", choices=["ema", "model"], default="ema")
-    importer = commands.add_parser("import", help="diffusers folder -> DiT state dict")
-    importer.add_argument("--folder", required=True, help="a DiTTransformer2DModel folder or a DiTPipeline folder")
-    importer.add_argument("--out", required=True)
-    args = parser.parse_args()
-    run_cli(export_command if args.command == "export" else import_command, args)
+def transformer_folder(folder: Union[str, Path]) -> Path:
+    """The DiTTransformer2DModel folder of a transformer folder or of a DiTPipeline folder around one."""
+    folder = Path(folder)
+    return folder / "transformer" if (folder / "transformer").is_dir() else folder
 
 
-def export_command(args: argparse.Namespace) -> None:
-    from weights import load_model_for_sampling
-
-    # The VAE is loaded only for a pipeline; otherwise the checkpoint's (or the official) geometry is used.
-    model, vae, _ = load_model_for_sampling(args, torch.device("cpu"), default_vae="ema", with_vae=args.vae is not None)
-    transformer = to_diffusers(model)
-    out = Path(args.out)
-    if vae is None:
-        transformer.save_pretrained(out)
-    else:
-        from diffusers import DDIMScheduler, DiTPipeline
-        scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
-                                  clip_sample=False)
-        DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler).save_pretrained(out)
-    print(f"Wrote {out}")
-
-
-def import_command(args: argparse.Namespace) -> None:
+def read_transformer(folder: Union[str, Path], flag: str):
+    """A DiTTransformer2DModel from a folder (or a pipeline folder), or a one-line error naming the
+    folder and what it holds instead."""
     from diffusers import DiTTransformer2DModel
 
-    folder = Path(args.folder)
-    if (folder / "transformer").is_dir():
-        folder = folder / "transformer"
-    transformer = DiTTransformer2DModel.from_pretrained(folder)
-    state_dict = from_diffusers(transformer)
-    DiT(**model_kwargs_from_diffusers(transformer.config)).load_state_dict(state_dict, strict=True)
-    atomic_torch_save(state_dict, args.out)
-    print(f"Wrote {args.out} ({', '.join(f'{k}={v}' for k, v in model_kwargs_from_diffusers(transformer.config).items())})")
+    path = transformer_folder(folder)
+    config = path / "config.json"
+    if not config.is_file():
+        raise ValueError(f"{flag} {folder}: not a diffusers DiT folder (no config.json in it or in its transformer/)")
+    kind = json.loads(config.read_text()).get("_class_name")
+    if kind != "DiTTransformer2DModel":
+        raise ValueError(f"{flag} {folder}: a diffusers {kind or 'model'} folder, not a DiTTransformer2DModel one")
+    try:
+        return DiTTransformer2DModel.from_pretrained(path)
+    except (OSError, ValueError, KeyError, RuntimeError, NotImplementedError) as error:
+        raise ValueError(f"{flag} {folder}: cannot load its DiTTransformer2DModel ({type(error).__name__}: "
+                         f"{str(error).strip().splitlines()[0] if str(error).strip() else ''})") from None
 
 
-if __name__ == "__main__":
-    main()
+def read_diffusers_weights(folder: Union[str, Path], flag: str) -> tuple[dict, dict]:
+    """(our state dict, DiT constructor arguments) of a diffusers DiT folder."""
+    transformer = read_transformer(folder, flag)
+    return from_diffusers(transformer), model_kwargs_from_diffusers(transformer.config)

@@ -20,8 +20,16 @@ from torch.utils.data import DataLoader, Subset
 
 from files import atomic_write
 from images import image_folder
-from latents import (FEATURES_META, STORED_DTYPES, encode_posterior, feature_shard_names, latent_shape, load_vae,
-                     to_stored, vae_scale)
+from latents import (
+    FEATURES_META,
+    STORED_DTYPES,
+    encode_posterior,
+    feature_shard_names,
+    latent_shape,
+    load_vae,
+    to_stored,
+    vae_scale,
+)
 from processes import create_logger, distributed, require_positive, run_cli
 
 
@@ -48,7 +56,8 @@ def extract(args: argparse.Namespace, rank: int, world_size: int, device: torch.
 
     # Every rank takes indices rank, rank + world, ...: no padding, no image twice.
     indices = list(range(rank, len(dataset), world_size))
-    loader = DataLoader(Subset(dataset, indices), batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers)
+    loader = DataLoader(Subset(dataset, indices), batch_size=args.batch_size, shuffle=False,
+                        num_workers=args.num_workers)
     posterior_name, label_name = feature_shard_names(rank)
     tmp_posteriors = out / f".{posterior_name}.tmp.npy"
     posteriors = np.lib.format.open_memmap(tmp_posteriors, mode="w+", dtype=STORED_DTYPES[args.dtype],
@@ -80,7 +89,8 @@ def extract(args: argparse.Namespace, rank: int, world_size: int, device: torch.
             "latent_size": latent_size, "num_classes": len(dataset.classes), "classes": dataset.classes,
             "dtype": args.dtype,
             "num_images": len(dataset),
-            "shards": [{"posteriors": p, "labels": l, "count": c} for (p, l), c in zip(names, counts)],
+            "shards": [{"posteriors": posteriors, "labels": labels, "count": count}
+                       for (posteriors, labels), count in zip(names, counts)],
         }
         with atomic_write(out / FEATURES_META) as handle:
             handle.write(json.dumps(meta, indent=1).encode())
@@ -89,7 +99,8 @@ def extract(args: argparse.Namespace, rank: int, world_size: int, device: torch.
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Pre-extract VAE latents of an ImageFolder for train.py --feature-path.")
+    parser = argparse.ArgumentParser(
+        description="Pre-extract VAE latents of an ImageFolder for train.py --feature-path.")
     parser.add_argument("--data-path", type=str, default=None, help="ImageFolder root: one sub-folder per class")
     parser.add_argument("--features-path", type=str, default="features", help="output folder")
     parser.add_argument("--image-size", type=int, default=256)

@@ -4,6 +4,7 @@ Every file a script produces (checkpoints, sample PNGs, .npz batches, statistics
 written through atomic_write: to a temporary name beside it, then renamed over it in one step.
 """
 import errno
+import hashlib
 import os
 import re
 import secrets
@@ -90,6 +91,15 @@ def remove_stale_temporaries(folder: Union[str, Path], older_than: float) -> tup
                 path.unlink(missing_ok=True)
                 count, freed = count + 1, freed + stat.st_size
     return count, freed
+
+
+def file_digest(path: Union[str, Path]) -> str:
+    """SHA-256 of a file, read in 16 MB pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def format_bytes(count: float) -> str:

@@ -7,8 +7,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from download import first_line
 from files import atomic_write
+from processes import first_line
 
 
 def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:
@@ -49,7 +49,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
         raise ValueError("a floating-point (mode F) image has no fixed value range; save it with 8 or 16 bits")
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    if image.mode in ("LA", "La", "PA", "RGBA", "RGBa") or (image.mode in ("L", "RGB") and "transparency" in image.info):
+    if image.mode in ("LA", "La", "PA", "RGBA", "RGBa") or (image.mode in ("L",
+                                                                           "RGB") and "transparency" in image.info):
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
     return image.convert("RGB")
@@ -71,6 +72,16 @@ def unreadable_images(paths: list, decode: bool) -> list:
 
     with ThreadPoolExecutor(max_workers=8) as pool:  # file reads and PIL's decoders release the GIL
         return [found for found in pool.map(problem, paths) if found]
+
+
+def readable_png(path: Path) -> bool:
+    """Whether a sample PNG is complete (a rerun of sample_ddp.py keeps it)."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+        return True
+    except Exception:
+        return False
 
 
 def image_folder(data_path: Optional[str], image_size: int):
@@ -110,6 +121,12 @@ def save_image_grid(images: torch.Tensor, path: Union[str, Path], nrow: int) -> 
         save_image(images, handle, format=Image.registered_extensions()[path.suffix.lower()], nrow=nrow,
                    normalize=True, value_range=(-1, 1))
     return path
+
+
+def save_png(array: np.ndarray, path: Path) -> None:
+    """One (H, W, 3) uint8 image as a PNG, written atomically."""
+    with atomic_write(path) as handle:
+        Image.fromarray(array).save(handle, format="PNG")
 
 
 def to_uint8_images(samples: torch.Tensor) -> np.ndarray:

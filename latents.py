@@ -6,7 +6,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
 # The Stable Diffusion VAEs DiT was trained with, by their short names.
 HUB_VAES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 

@@ -312,7 +312,8 @@ class DiT(nn.Module):
     def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> None:
         """Raise ValueError naming the expected shape/range, before timm's asserts or an index error."""
         if x.ndim != 4:
-            raise ValueError(f"x must be (N, {self.in_channels}, {self.input_size}, {self.input_size}), got {tuple(x.shape)}")
+            raise ValueError(f"x must be (N, {self.in_channels}, {self.input_size}, {self.input_size}), "
+                             f"got {tuple(x.shape)}")
         n, channels, height, width = x.shape
         if channels != self.in_channels:
             raise ValueError(f"x has {channels} channels, the model expects in_channels={self.in_channels}")

@@ -11,9 +11,6 @@ from typing import Callable, Iterator, Optional, TypeVar, Union
 import torch
 import torch.distributed as dist
 
-from download import DownloadError
-
-
 T = TypeVar("T")
 
 
@@ -21,8 +18,22 @@ def run_cli(main, args: argparse.Namespace) -> None:
     """Run a script's main; a mistake in its input ends it with one line naming the problem, not a traceback."""
     try:
         main(args)
-    except (ValueError, OSError, FloatingPointError, DownloadError) as error:
+    except (ValueError, OSError, FloatingPointError, MemoryError) as error:
         sys.exit(f"{Path(sys.argv[0]).name}: error: {error}")
+
+
+def first_line(error: BaseException) -> str:
+    """The first non-empty line of an error's message (its type's name when it has none)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+def add_device_flags(parser: argparse.ArgumentParser, tf32_help: str) -> None:
+    """--device and --tf32/--no-tf32, the same in every script."""
+    group = parser.add_argument_group("device")
+    group.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
+                       help="auto: CUDA (NCCL) when available, else the CPU (gloo)")
+    group.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True, help=tf32_help)
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -58,13 +69,14 @@ def distributed(device_choice: str) -> Iterator[tuple[int, int, torch.device]]:
 
 
 def rank_zero_decides(rank: int, decide: Callable[[], T]) -> T:
-    """decide() run on rank 0, its (picklable) result given to every rank; a ValueError or OSError it
-    raises is raised on every rank, so none is left waiting in a collective for a rank that stopped."""
+    """decide() run on rank 0, its (picklable) result given to every rank; a ValueError, OSError or
+    MemoryError it raises is raised on every rank, so none is left waiting in a collective for a rank
+    that stopped."""
     outcome = [None, None]
     if rank == 0:
         try:
             outcome = [decide(), None]
-        except (ValueError, OSError) as error:
+        except (ValueError, OSError, MemoryError) as error:
             outcome = [None, error]
     dist.broadcast_object_list(outcome, src=0)
     if outcome[1] is not None:

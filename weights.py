@@ -1,13 +1,16 @@
 """DiT weights into models: strict loads that name what does not fit, fine-tuning starts, and the
 model a sampling script builds from a checkpoint and its saved flags."""
+import argparse
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from download import checkpoint_args, find_model, load_state_dict, read_checkpoint, weights_in
+from checkpoints import checkpoint_args, load_state_dict, read_checkpoint, weights_in
+from diffusers_interop import read_diffusers_weights
+from download import PRETRAINED_MODELS, find_model
 from latents import latent_shape, load_vae
-from models import DiT_models
+from models import BLOCK_DESIGNS, DiT_models
 
 
 def load_weights(model: torch.nn.Module, state_dict: dict, source: str) -> None:
@@ -45,12 +48,10 @@ def load_init_weights(model: torch.nn.Module, source: str) -> list:
     which keeps the model's own initialisation; any other mismatch is a one-line error naming the
     tensor and the config the weights look like. Returns lines for the log."""
     if Path(source).is_dir():
-        from diffusers import DiTTransformer2DModel
-
-        from diffusers_interop import from_diffusers
-        folder = Path(source) / "transformer" if (Path(source) / "transformer").is_dir() else Path(source)
-        state_dict = from_diffusers(DiTTransformer2DModel.from_pretrained(folder))
+        state_dict, _ = read_diffusers_weights(source, "--init-from")
     else:
+        if source in PRETRAINED_MODELS:  # check the shapes the name implies before a 2.7 GB download
+            check_fits_official(model, source)
         state_dict = find_model(source)
     own = model.state_dict()
     taken, notes, problems = {}, [], []
@@ -60,7 +61,8 @@ def load_init_weights(model: torch.nn.Module, source: str) -> list:
         elif state_dict[name].shape == value.shape:
             taken[name] = state_dict[name]
         elif name in REINITIALISED_ON_MISMATCH:
-            notes.append(f"{REINITIALISED_ON_MISMATCH[name]} ({tuple(state_dict[name].shape)} there, {tuple(value.shape)} here)")
+            notes.append(f"{REINITIALISED_ON_MISMATCH[name]} ({tuple(state_dict[name].shape)} there, "
+                         f"{tuple(value.shape)} here)")
         else:
             problems.append(f"{name} is {tuple(state_dict[name].shape)} there, {tuple(value.shape)} here")
     problems += [f"{name} is not in this model" for name in state_dict if name not in own]
@@ -70,6 +72,20 @@ def load_init_weights(model: torch.nn.Module, source: str) -> list:
                          f"{' ...' if len(problems) > 4 else ''}" + (f"; the weights look like {hint}" if hint else ""))
     model.load_state_dict({**own, **taken}, strict=True)
     return [f"Initialised from {source}: loaded {len(taken)} of {len(own)} tensors"] + notes
+
+
+def check_fits_official(model: torch.nn.Module, name: str) -> None:
+    """An official checkpoint is DiT-XL/2 (width 1152, depth 28, patch 2, 4 latent channels); a
+    model of another size or design cannot take it, whatever its image size or classes."""
+    with torch.device("meta"):
+        official = DiT_models["DiT-XL/2"](input_size=8)
+    ours = (len(model.blocks), model.pos_embed.shape[-1], model.patch_size, model.in_channels, model.block)
+    theirs = (len(official.blocks), official.pos_embed.shape[-1], official.patch_size, official.in_channels,
+              "adaln-zero")
+    if ours != theirs:
+        raise ValueError(f"--init-from {name} holds DiT-XL/2 weights (depth 28, width 1152, patch 2, 4 channels, "
+                         f"adaln-zero); this model has depth {ours[0]}, width {ours[1]}, patch {ours[2]}, "
+                         f"{ours[3]} channels, {ours[4]}: use --model DiT-XL/2 with a VAE")
 
 
 def guess_config(state_dict: dict) -> Optional[str]:
@@ -90,7 +106,8 @@ def guess_config(state_dict: dict) -> Optional[str]:
         if (len(candidate.blocks), candidate.pos_embed.shape[-1], candidate.patch_size) == (depth, width, patch):
             names.append(name)
     model_flag = f"--model {names[0]}" if names else f"a DiT of depth {depth}, width {width}, patch {patch}"
-    size = f"--image-size {latent * 8} with a VAE (or {latent} with --vae none)" if channels == 4 else f"--image-size {latent} --vae none"
+    size = f"--image-size {latent * 8} with a VAE (or {latent} with --vae none)" if channels == 4 \
+        else f"--image-size {latent} --vae none"
     block = f" --block {design}" if design != "adaln-zero" else ""
     return f"{model_flag} {size} --num-classes {rows - 1} (or {rows} without label dropout){block}"
 
@@ -116,7 +133,8 @@ def resolve_model_args(args, default_vae: str, saved: dict) -> dict:
                 for key, default in OFFICIAL_DEFAULTS.items()}
     resolved["vae"] = args.vae if args.vae is not None else saved.get("vae", default_vae)
     resolved["block"] = getattr(args, "block", None) or saved.get("block")  # None: read from the weights
-    has_pretrained = (resolved["model"], resolved["num_classes"]) == ("DiT-XL/2", 1000) and resolved["image_size"] in (256, 512)
+    has_pretrained = (resolved["model"], resolved["num_classes"]) == ("DiT-XL/2",
+                                                                      1000) and resolved["image_size"] in (256, 512)
     if args.ckpt is None and not has_pretrained:
         raise ValueError("only DiT-XL/2 at 256 or 512px with 1000 classes has pretrained weights; "
                          "pass --ckpt for other models")
@@ -138,6 +156,11 @@ def load_model_for_sampling(args, device: torch.device, default_vae: str, with_v
     The weights are read first (that draws nothing), so a bare state dict names its block design.
     with_vae=False sizes the model for the configured VAE without loading it."""
     checkpoint = None
+    if args.ckpt in PRETRAINED_MODELS and not Path(args.ckpt).is_file():  # an official name, as find_model takes
+        size = int(args.ckpt.rsplit("x", 1)[1].split(".")[0])
+        if args.image_size not in (None, size):
+            raise ValueError(f"--ckpt {args.ckpt} is the {size}px model; --image-size {args.image_size} does not match")
+        args = argparse.Namespace(**{**vars(args), "ckpt": None, "image_size": size})
     if args.ckpt is not None:
         if not Path(args.ckpt).is_file():
             raise ValueError(f"--ckpt {args.ckpt}: no such file")
@@ -167,3 +190,22 @@ def load_model_for_sampling(args, device: torch.device, default_vae: str, with_v
         raise ValueError(f"the VAE {config['vae']} gives latents {latent_shape(vae, config['image_size'])}, "
                          f"the model expects {(channels, latent_size)}")
     return model, vae, config
+
+
+def add_model_flags(parser: argparse.ArgumentParser, default_vae: str, vae_help: str = "") -> None:
+    """What to sample from: the model flags of sample.py, sample_ddp.py and convert_diffusers.py. Those
+    not given fall back to a train.py checkpoint's saved flags, then to the official defaults."""
+    group = parser.add_argument_group("model (unset flags fall back to a train.py checkpoint's own, "
+                                      "then to the official defaults)")
+    group.add_argument("--ckpt", type=str, default=None,
+                       help="a train.py checkpoint, a state dict, .safetensors or an official name "
+                            "(default: the official DiT-XL/2 for --image-size, downloaded on first use)")
+    group.add_argument("--model", type=str, default=None, help="default DiT-XL/2")
+    group.add_argument("--vae", type=str, default=None,
+                       help=vae_help or f"ema | mse | none | local AutoencoderKL folder (default {default_vae})")
+    group.add_argument("--image-size", type=int, default=None, help="default 256")
+    group.add_argument("--num-classes", type=int, default=None, help="default 1000")
+    group.add_argument("--weights", choices=["ema", "model"], default="ema",
+                       help="which weights of a train.py checkpoint")
+    group.add_argument("--block", choices=BLOCK_DESIGNS, default=None,
+                       help="block design (default: the checkpoint's, else read from its weights)")

@@ -6,7 +6,6 @@ against plain eager fp32 measured in the same run, because absolute numbers drif
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -14,7 +13,6 @@ from typing import Callable
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def synchronize(device: torch.device) -> None:
@@ -38,7 +36,8 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: 
 
 def spread(result: dict, scale: float = 1.0, digits: int = 3) -> str:
     """'median (min-max)' of a timed() result, each multiplied by scale."""
-    return f"{result['median'] * scale:.{digits}f} ({result['min'] * scale:.{digits}f}-{result['max'] * scale:.{digits}f})"
+    low, high = result['min'] * scale, result['max'] * scale
+    return f"{result['median'] * scale:.{digits}f} ({low:.{digits}f}-{high:.{digits}f})"
 
 
 def rate(result: dict, work: float, digits: int = 1) -> str:

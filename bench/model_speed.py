@@ -11,9 +11,8 @@ import argparse
 
 import torch
 
-from harness import machine, markdown, random_weights, rate, spread, timed
-from peak import fp32_peak
-
+from bench.harness import machine, markdown, random_weights, rate, spread, timed
+from bench.peak import fp32_peak
 from diffusion import create_diffusion
 from models import DiT_models, count_forward_gmacs
 

@@ -7,13 +7,10 @@ Models are built on the meta device, so even DiT-XL/2 at 512px costs no memory a
 Gflops here means multiply-accumulates of one single-image forward (the paper's convention).
 """
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models import BLOCK_DESIGNS, DiT_models, count_forward_gmacs  # noqa: E402
+from models import BLOCK_DESIGNS, DiT_models, count_forward_gmacs
 
 PAPER_GFLOPS_256 = {  # Peebles & Xie, Table 4, for the side-by-side column only
     "DiT-S/8": 0.36, "DiT-S/4": 1.41, "DiT-S/2": 6.06, "DiT-B/8": 1.42, "DiT-B/4": 5.56, "DiT-B/2": 23.01,

@@ -10,7 +10,7 @@ import argparse
 
 import torch
 
-from harness import machine, markdown, rate, timed
+from bench.harness import machine, markdown, rate, timed
 
 WIDTHS = {"S": 384, "B": 768, "XL": 1152}
 
@@ -48,7 +48,8 @@ def main() -> None:
     for dtype in (torch.float32, torch.bfloat16):
         for shape, gflop, result, median in matmul_rows(device, dtype, tokens, repeats, widths):
             baseline.setdefault(shape, median)
-            rows.append([shape, "fp32" if dtype == torch.float32 else "bf16", rate(result, gflop), f"{median / baseline[shape]:.2f}x"])
+            rows.append([shape, "fp32" if dtype == torch.float32 else "bf16", rate(result, gflop),
+                         f"{median / baseline[shape]:.2f}x"])
     print(f"Matmul throughput, GFLOP/s, median (min-max) of {repeats}; {machine(device)}\n")
     print(markdown(["shape", "dtype", "GFLOP/s", "vs fp32"], rows, left=2))
 

@@ -12,10 +12,9 @@ import argparse
 
 import torch
 
-from harness import machine, markdown, random_weights, spread, timed
-
+from bench.harness import machine, markdown, random_weights, spread, timed
 from models import DiT_models
-from sampling import guided_batch, run_sampler, sampling_diffusion
+from sampling import Sampler
 
 RUNS = [("ddpm", 250), ("ddim", 50)]
 
@@ -39,16 +38,18 @@ def main() -> None:
     model = random_weights(DiT_models[args.model](input_size=input_size)).to(device).eval()
     noise = torch.randn(args.images, 4, input_size, input_size, device=device)
     labels = torch.arange(args.images, device=device) % 1000
-    x, model_fn, model_kwargs = guided_batch(noise, labels, 1000, args.cfg_scale, model)
+    # The guided batch generate() builds: the images twice, with their labels and with the null class.
+    x, model_fn = torch.cat([noise, noise]), model.forward_with_cfg
+    model_kwargs = dict(y=torch.cat([labels, torch.full_like(labels, 1000)]), cfg_scale=args.cfg_scale)
     compiled_fn = torch.compile(model_fn)
 
     rows, eager_step = [], {}
     for sampler, steps in RUNS:
         # The first measured_steps steps of the full schedule's stride: the same work per step.
-        diffusion = sampling_diffusion(sampler, args.measured_steps)
+        chosen = Sampler(sampler, args.measured_steps)
         for mode, fn in (("eager", model_fn), ("compiled", compiled_fn)):
             with torch.no_grad():
-                result = timed(lambda: run_sampler(diffusion, sampler, fn, x, model_kwargs), device, args.repeats,
+                result = timed(lambda: chosen.run(fn, x, model_kwargs), device, args.repeats,
                                warmup=1)
             per_step = {k: v / args.measured_steps for k, v in result.items() if k != "runs"}
             eager_step.setdefault(sampler, per_step["median"])

@@ -19,9 +19,9 @@ import sys
 from contextlib import nullcontext
 
 import torch
-
-from harness import current_memory_mb, machine, markdown, peak_memory_mb, reset_peak_memory, spread, timed
 from model_speed import build, training_step
+
+from bench.harness import ROOT, current_memory_mb, machine, markdown, peak_memory_mb, reset_peak_memory, spread, timed
 
 SWITCHES = ["eager fp32", "sdpa math", "compile", "bf16 autocast", "fp16 autocast", "grad checkpointing"]
 
@@ -56,10 +56,10 @@ def run_worker(args: argparse.Namespace, switch: str, mode: str, model: str, bat
         env["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
     # CPUs have no fp16 matmul kernels (a step is ~25x slower): one timed step says enough there.
     repeats = 1 if switch == "fp16 autocast" and args.device == "cpu" else args.repeats
-    command = [sys.executable, __file__, "--worker", switch, "--mode", mode, "--model", model,
+    command = [sys.executable, "-m", "bench.switches", "--worker", switch, "--mode", mode, "--model", model,
                "--batch-size", str(batch_size), "--repeats", str(repeats), "--device", args.device,
                "--input-size", str(args.input_size)]
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
     if result.returncode != 0:
         raise RuntimeError(f"{switch} ({mode}) failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])

@@ -21,8 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from harness import ROOT, machine, markdown
-
+from bench.harness import ROOT, machine, markdown
 from models import DiT_models, count_forward_gmacs
 
 
@@ -101,7 +100,8 @@ def main() -> None:
         extract_seconds = run(["extract_features.py", "--data-path", data, "--features-path", scratch / "features",
                                "--image-size", args.image_size, "--vae", scratch / "vae", "--device", "cpu",
                                "--num-workers", 0])
-        run(["train.py", "--data-path", data, "--vae", scratch / "vae", "--results-dir", scratch / "on-the-fly", *common])
+        run(["train.py", "--data-path", data, "--vae", scratch / "vae", "--results-dir", scratch / "on-the-fly",
+             *common])
         run(["train.py", "--feature-path", scratch / "features", "--results-dir", scratch / "latents", *common])
         on_the_fly, latents = throughput(scratch / "on-the-fly"), throughput(scratch / "latents")
 

@@ -9,7 +9,8 @@ def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
     if reference is None:
         raise ValueError("normal_kl needs at least one tensor argument")
     logvar1, logvar2 = (v if isinstance(v, torch.Tensor) else torch.tensor(v).to(reference) for v in (logvar1, logvar2))
-    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + ((mean1 - mean2) ** 2) * torch.exp(-logvar2))
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + ((mean1 - mean2) ** 2) * torch.exp(-logvar2))
 
 
 def approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
@@ -17,7 +18,8 @@ def approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * (1.0 + torch.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * torch.pow(x, 3))))
 
 
-def discretized_gaussian_log_likelihood(x: torch.Tensor, *, means: torch.Tensor, log_scales: torch.Tensor) -> torch.Tensor:
+def discretized_gaussian_log_likelihood(x: torch.Tensor, *, means: torch.Tensor,
+                                        log_scales: torch.Tensor) -> torch.Tensor:
     """Log probability of x in [-1, 1] quantised to 256 levels (bins of width 2/255), in nats.
 
     The two edge bins extend to -inf and +inf so the probabilities sum to one.

@@ -54,7 +54,8 @@ def get_named_beta_schedule(schedule_name: str, num_diffusion_timesteps: int) ->
     raise ValueError(f"unknown noise schedule {schedule_name!r}: expected 'linear' or 'squaredcos_cap_v2'")
 
 
-def betas_for_alpha_bar(num_diffusion_timesteps: int, alpha_bar: Callable[[float], float], max_beta: float = 0.999) -> np.ndarray:
+def betas_for_alpha_bar(num_diffusion_timesteps: int, alpha_bar: Callable[[float], float],
+                        max_beta: float = 0.999) -> np.ndarray:
     """Betas such that the cumulative product of (1 - beta) follows alpha_bar(t) on t in [0, 1]."""
     n = num_diffusion_timesteps
     return np.array([min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), max_beta) for i in range(n)], dtype=np.float64)
@@ -79,7 +80,8 @@ def _infer_device(model, noise: Optional[torch.Tensor]) -> torch.device:
 class GaussianDiffusion:
     """The forward process q, the learned reverse process p, their losses and samplers."""
 
-    def __init__(self, *, betas: np.ndarray, model_mean_type: ModelMeanType, model_var_type: ModelVarType, loss_type: LossType):
+    def __init__(self, *, betas: np.ndarray, model_mean_type: ModelMeanType, model_var_type: ModelVarType,
+                 loss_type: LossType):
         self.model_mean_type = model_mean_type
         self.model_var_type = model_var_type
         self.loss_type = loss_type
@@ -240,7 +242,8 @@ class GaussianDiffusion:
 
     def p_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None) -> dict:
         """One ancestral step x_t -> x_{t-1}. The model runs first, then one randn_like(x) is drawn."""
-        out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs)
+        out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+                                   model_kwargs=model_kwargs)
         noise = torch.randn_like(x)
         nonzero_mask = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))  # no noise at t == 0
         if cond_fn is not None:
@@ -266,9 +269,11 @@ class GaussianDiffusion:
                                       cond_fn=cond_fn, model_kwargs=model_kwargs):
             yield out
 
-    def ddim_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None, eta=0.0) -> dict:
+    def ddim_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None,
+                    eta=0.0) -> dict:
         """One DDIM step x_t -> x_{t-1} (Song et al., eq. 12); eta=0 is deterministic."""
-        out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs)
+        out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+                                   model_kwargs=model_kwargs)
         if cond_fn is not None:
             out = self.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
         # Recompute eps from the (maybe clipped) x_0 so the two stay consistent.
@@ -282,11 +287,13 @@ class GaussianDiffusion:
         sample = mean_pred + nonzero_mask * sigma * noise
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
-    def ddim_reverse_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None, eta=0.0) -> dict:
+    def ddim_reverse_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None,
+                            eta=0.0) -> dict:
         """One deterministic DDIM step backwards, x_t -> x_{t+1} (encoding an image into noise)."""
         if eta != 0.0:
             raise ValueError(f"ddim_reverse_sample is deterministic: eta must be 0.0, got {eta}")
-        out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs)
+        out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+                                   model_kwargs=model_kwargs)
         if cond_fn is not None:
             out = self.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
@@ -299,8 +306,9 @@ class GaussianDiffusion:
         """DDIM sampling from pure noise through every (respaced) step; returns the final x_0."""
         final = None
         for final in self.ddim_sample_loop_progressive(model, shape, noise=noise, clip_denoised=clip_denoised,
-                                                       denoised_fn=denoised_fn, cond_fn=cond_fn, model_kwargs=model_kwargs,
-                                                       device=device, progress=progress, eta=eta):
+                                                       denoised_fn=denoised_fn, cond_fn=cond_fn,
+                                                       model_kwargs=model_kwargs, device=device, progress=progress,
+                                                       eta=eta):
             pass
         return final["sample"]
 
@@ -344,7 +352,8 @@ class GaussianDiffusion:
         out = self.p_mean_variance(model, x_t, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
         kl = normal_kl(true_mean, true_log_variance_clipped, out["mean"], out["log_variance"])
         kl = mean_flat(kl) / np.log(2.0)
-        decoder_nll = -discretized_gaussian_log_likelihood(x_start, means=out["mean"], log_scales=0.5 * out["log_variance"])
+        decoder_nll = -discretized_gaussian_log_likelihood(x_start, means=out["mean"],
+                                                           log_scales=0.5 * out["log_variance"])
         decoder_nll = mean_flat(decoder_nll) / np.log(2.0)
         return {"output": torch.where(t == 0, decoder_nll, kl), "pred_xstart": out["pred_xstart"]}
 
@@ -386,7 +395,8 @@ class GaussianDiffusion:
         else:
             target = noise
         if model_output.shape != target.shape:
-            raise ValueError(f"model output {tuple(model_output.shape)} does not match the target {tuple(target.shape)}")
+            raise ValueError(f"model output {tuple(model_output.shape)} does not match the target "
+                             f"{tuple(target.shape)}")
         terms["mse"] = mean_flat((target - model_output) ** 2)
         terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
         return terms

@@ -54,7 +54,8 @@ def _ddim_steps(num_timesteps: int, spec: str) -> set:
     try:
         desired_count = int(spec[len("ddim"):])
     except ValueError:
-        raise ValueError(f"timestep respacing {spec!r} must be 'ddim' followed by a step count, e.g. 'ddim50'") from None
+        raise ValueError(f"timestep respacing {spec!r} must be 'ddim' followed by a step count, "
+                         f"e.g. 'ddim50'") from None
     if desired_count < 1 or desired_count > num_timesteps:
         raise ValueError(f"{spec!r} asks for {desired_count} steps; it must be between 1 and {num_timesteps}")
     for stride in range(1, num_timesteps + 1):

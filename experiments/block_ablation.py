@@ -10,20 +10,30 @@ Writes ablation.json, ablation.md (the table) and loss_curves.png; an interrupte
 """
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "demo"))
-from evaluate import evaluate, image_features  # noqa: E402
-from images import to_uint8_images  # noqa: E402
-from mnist import (accuracy, add_recipe_flags, as_model_input, fid_network, fid_reference, final_checkpoint,  # noqa: E402
-                   load_mnist, real_digits, sample_digits, train, train_classifier, write_image_folder)
-from models import BLOCK_DESIGNS  # noqa: E402
+from experiments.digits import (
+    ROOT,
+    accuracy,
+    add_recipe_flags,
+    as_model_input,
+    draw,
+    fid_network,
+    fid_reference,
+    final_checkpoint,
+    load_digit_model,
+    load_mnist,
+    real_digits,
+    train,
+    train_classifier,
+    write_image_folder,
+)
+from images import to_uint8_images
+from metrics import evaluate, image_features
+from models import BLOCK_DESIGNS
 
 
 def plot_losses(curves: dict, path: Path) -> None:
@@ -64,13 +74,15 @@ def main() -> None:
 
     rows, curves = [], {}
     for design in args.designs:
-        experiment = train(args, data, args.out / "runs" / design, "--block", design, "--log-every", str(args.log_every))
+        experiment = train(args, data, args.out / "runs" / design, "--block", design, "--log-every",
+                           str(args.log_every))
         records = [json.loads(line) for line in (experiment / "metrics.jsonl").read_text().splitlines()]
         records = [r for r in records if "loss" in r]
         curves[design] = ([r["step"] for r in records], [r["loss"] for r in records])
         tail = [r["loss"] for r in records[-max(len(records) // 10, 1):]]  # the last tenth of training
-        samples, sample_labels = sample_digits(final_checkpoint(experiment), args.per_class, args.sample_steps,
-                                               cfg_scale=1.0, seed=0)
+        sample_labels = torch.arange(10).repeat_interleave(args.per_class)
+        samples, _ = draw(load_digit_model(final_checkpoint(experiment)), "ddpm", args.sample_steps, None, 1.0,
+                          sample_labels, batch_size=len(sample_labels), seed=0)
         metrics = evaluate(image_features(network, to_uint8_images(samples), progress=True), reference)
         checkpoint = torch.load(final_checkpoint(experiment), map_location="cpu", weights_only=True)
         rows.append({

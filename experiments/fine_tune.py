@@ -12,29 +12,33 @@ Each training run continues if interrupted; writes fine_tune.json and fine_tune.
 """
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "demo"))
-sys.path.insert(0, str(ROOT / "experiments"))
-from evaluate import evaluate, image_features  # noqa: E402
-from images import to_uint8_images  # noqa: E402
-from mnist import (accuracy, add_recipe_flags, as_model_input, fid_network, fid_reference, final_checkpoint,  # noqa: E402
-                   load_mnist, real_digits, train, train_classifier, write_image_folder)
-from sampler_sweep import draw  # noqa: E402
-from weights import load_model_for_sampling  # noqa: E402
+from experiments.digits import (
+    ROOT,
+    accuracy,
+    add_recipe_flags,
+    as_model_input,
+    draw,
+    fid_network,
+    fid_reference,
+    final_checkpoint,
+    load_digit_model,
+    load_mnist,
+    real_digits,
+    train,
+    train_classifier,
+    write_image_folder,
+)
+from images import to_uint8_images
+from metrics import evaluate, image_features
 
 
 def judge(checkpoint: Path, classifier, network, reference: dict, per_class: int, cfg_scale: float) -> dict:
-    flags = argparse.Namespace(ckpt=str(checkpoint), weights="ema", model=None, image_size=None, num_classes=None,
-                               vae=None)
-    model, _, config = load_model_for_sampling(flags, torch.device("cpu"), default_vae="none")
     labels = torch.arange(10).repeat_interleave(per_class)
-    samples, _ = draw(model, config, "dpm++", 20, None, cfg_scale, labels, batch_size=500, seed=0)
+    samples, _ = draw(load_digit_model(checkpoint), "dpm++", 20, None, cfg_scale, labels, batch_size=500, seed=0)
     grey = samples.mean(1, keepdim=True)
     low = labels < 5
     return {"accuracy": accuracy(classifier, grey, labels),
@@ -75,7 +79,8 @@ def main(argv=None) -> dict:
     table = ["| run | steps on all digits | class accuracy | on 0-4 | on 5-9 | FID |", "|---|---|---|---|---|---|"]
     table += [f"| {name} | {args.steps} | {r['accuracy']:.3f} | {r['accuracy_0_4']:.3f} | {r['accuracy_5_9']:.3f} | "
               f"{r['fid']:.2f} |" for name, r in rows.items()]
-    (args.out / "fine_tune.json").write_text(json.dumps({"rows": rows, "args": {k: str(v) for k, v in vars(args).items()}},
+    (args.out / "fine_tune.json").write_text(json.dumps({"rows": rows, "args": {k: str(v) for k,
+                                                                                v in vars(args).items()}},
                                                         indent=1))
     (args.out / "fine_tune.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))

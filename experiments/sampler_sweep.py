@@ -12,21 +12,29 @@ against sampling time.
 """
 import argparse
 import json
-import sys
-import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "demo"))
-from evaluate import evaluate, image_features  # noqa: E402
-from images import to_uint8_images  # noqa: E402
-from mnist import (accuracy, add_recipe_flags, as_model_input, fid_network, fid_reference, final_checkpoint,  # noqa: E402
-                   load_mnist, real_digits, train, train_classifier, write_image_folder)
-from sampling import guided_batch, run_sampler, sampling_diffusion  # noqa: E402
-from weights import load_model_for_sampling  # noqa: E402
+from experiments.digits import (
+    ROOT,
+    accuracy,
+    add_recipe_flags,
+    as_model_input,
+    draw,
+    fid_network,
+    fid_reference,
+    final_checkpoint,
+    load_digit_model,
+    load_mnist,
+    real_digits,
+    train,
+    train_classifier,
+    write_image_folder,
+)
+from images import to_uint8_images
+from metrics import evaluate, image_features
+from sampling import Sampler
 
 # sampler:steps[:LO-HI guidance interval]. Network evaluations per sample: one a step (each a doubled
 # batch when guided); DDPM and DDIM are the IDDPM loops, dpm++ and unipc diffusers' solvers.
@@ -42,26 +50,9 @@ def parse_setting(text: str) -> tuple[str, int, tuple]:
     return parts[0], int(parts[1]), interval
 
 
-@torch.no_grad()
-def draw(model, config: dict, sampler: str, steps: int, interval, cfg_scale: float, labels: torch.Tensor,
-         batch_size: int, seed: int) -> tuple[torch.Tensor, float]:
-    """(samples in [-1, 1], seconds) for every label; the noise depends only on the seed."""
-    diffusion = sampling_diffusion(sampler, steps)
-    generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn(len(labels), model.in_channels, model.input_size, model.input_size, generator=generator)
-    torch.manual_seed(seed)  # the ancestral sampler's own draws
-    started = time.time()
-    samples = []
-    for start in range(0, len(labels), batch_size):
-        batch = noise[start: start + batch_size]
-        x, model_fn, kwargs = guided_batch(batch, labels[start: start + batch_size], config["num_classes"], cfg_scale,
-                                           model, interval=interval)  # guided when cfg_scale > 1
-        samples.append(run_sampler(diffusion, sampler, model_fn, x, kwargs, pixels=True)[: len(batch)])
-    return torch.cat(samples), time.time() - started
-
-
 def markdown(rows: list) -> list:
-    lines = ["| sampler | steps | guidance interval | forward passes per image | time (s) | FID | sFID | class accuracy |",
+    lines = ["| sampler | steps | guidance interval | forward passes per image | time (s) | FID | sFID "
+             "| class accuracy |",
              "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         interval = "-".join(f"{v:g}" for v in row["interval"]) if row["interval"] else "all steps"
@@ -116,9 +107,7 @@ def main(argv=None) -> dict:
     if checkpoint is None:
         data = write_image_folder(digits, labels, args.out / "mnist")
         checkpoint = final_checkpoint(train(args, data, args.out / "runs", "--log-every", "100"))
-    flags = argparse.Namespace(ckpt=str(checkpoint), weights="ema", model=None, image_size=None, num_classes=None,
-                               vae=None)
-    model, _, config = load_model_for_sampling(flags, torch.device("cpu"), default_vae="none")
+    model = load_digit_model(checkpoint)
     real, targets, train_part, _ = real_digits(model.input_size)
     classifier = train_classifier(as_model_input(real[train_part]), targets[train_part])
     network = fid_network()
@@ -132,11 +121,10 @@ def main(argv=None) -> dict:
         if key in stored:
             continue
         sampler, steps, interval = parse_setting(setting)
-        samples, seconds = draw(model, config, sampler, steps, interval, args.cfg_scale, class_labels,
-                                args.batch_size, seed=0)
+        samples, seconds = draw(model, sampler, steps, interval, args.cfg_scale, class_labels, args.batch_size, seed=0)
         metrics = evaluate(image_features(network, to_uint8_images(samples), progress=False), reference)
         guided_steps = steps if interval is None else sum(
-            interval[0] <= t / 1000 <= interval[1] for t in timesteps(sampler, steps))
+            interval[0] <= t / 1000 <= interval[1] for t in Sampler(sampler, steps).timesteps())
         stored[key] = {"sampler": sampler, "steps": steps, "interval": interval, "seconds": seconds,
                        "nfe": steps + guided_steps,  # a guided step runs the image twice (with and without label)
                        "fid": metrics["fid"], "sfid": metrics["sfid"],
@@ -144,21 +132,14 @@ def main(argv=None) -> dict:
         print(markdown([stored[key]])[-1], flush=True)
         results_path.write_text(json.dumps(stored, indent=1))
 
-    rows = [stored[f"{checkpoint.resolve()}|{s}|{args.samples}|{args.cfg_scale}|{args.reference}"] for s in args.settings]
+    rows = [stored[f"{checkpoint.resolve()}|{s}|{args.samples}|{args.cfg_scale}|{args.reference}"]
+            for s in args.settings]
     table = markdown(rows)
     (args.out / "sweep.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
     args.plot.parent.mkdir(parents=True, exist_ok=True)
     plot(rows, args.plot)
     return {"rows": rows, "table": table}
-
-
-def timesteps(sampler: str, steps: int) -> list:
-    """The original timesteps a sampler evaluates the model at."""
-    diffusion = sampling_diffusion(sampler, steps)
-    if hasattr(diffusion, "timestep_map"):
-        return [int(t) for t in diffusion.timestep_map]
-    return [int(t) for t in diffusion.timesteps]
 
 
 if __name__ == "__main__":

@@ -16,24 +16,30 @@ only the part run last).
 """
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "demo"))
-sys.path.insert(0, str(ROOT / "experiments"))
-from evaluate import fid_helper_network, frechet_distance, image_features  # noqa: E402
-from images import to_uint8_images  # noqa: E402
-from mnist import accuracy, as_model_input, fid_network, fid_reference, final_checkpoint, real_digits  # noqa: E402
-from mnist import load_mnist, train, train_classifier, write_image_folder  # noqa: E402
-from models import DiT_models, count_forward_gmacs  # noqa: E402
-from sampler_sweep import draw  # noqa: E402
-from weights import load_model_for_sampling  # noqa: E402
+from experiments.digits import (
+    ROOT,
+    accuracy,
+    as_model_input,
+    draw,
+    fid_network,
+    fid_reference,
+    final_checkpoint,
+    load_digit_model,
+    load_mnist,
+    real_digits,
+    train,
+    train_classifier,
+    write_image_folder,
+)
+from images import to_uint8_images
+from metrics import fid_helper_network, frechet_distance, image_features
+from models import DiT_models, count_forward_gmacs
 
 SAMPLER, SAMPLER_STEPS = "dpm++", 20
 
@@ -62,11 +68,9 @@ def train_cell(args, model_name: str, data: Path, reference_file: Path) -> tuple
 
 def judge_cell(checkpoint: Path, classifier, network, reference: dict, samples: int) -> dict:
     """FID and class accuracy of `samples` unguided EMA samples, classes balanced."""
-    flags = argparse.Namespace(ckpt=str(checkpoint), weights="ema", model=None, image_size=None, num_classes=None,
-                               vae=None)
-    model, _, config = load_model_for_sampling(flags, torch.device("cpu"), default_vae="none")
     labels = torch.arange(samples) % 10
-    images, seconds = draw(model, config, SAMPLER, SAMPLER_STEPS, None, 1.0, labels, batch_size=500, seed=0)
+    images, seconds = draw(load_digit_model(checkpoint), SAMPLER, SAMPLER_STEPS, None, 1.0, labels, batch_size=500,
+                           seed=0)
     return {"fid": frechet_distance(image_features(network, to_uint8_images(images)), reference),  # no sFID, P/R
             "accuracy": accuracy(classifier, images.mean(1, keepdim=True), labels), "sampling_seconds": seconds}
 
@@ -210,7 +214,8 @@ def main(argv=None) -> dict:
                "r_fid_log_params": correlation(np.log10([c["params"] for c in cells]), [c["fid"] for c in cells]),
                "r_loss_log_gflops": correlation(log_gflops, [c["loss"] for c in cells])}
     table = markdown(cells, args)
-    table += ["", f"Pearson correlation of FID-{args.eval_samples} with log10 Gflops: {summary['r_fid_log_gflops']:.3f}; "
+    table += ["",
+              f"Pearson correlation of FID-{args.eval_samples} with log10 Gflops: {summary['r_fid_log_gflops']:.3f}; "
               f"with log10 parameters: {summary['r_fid_log_params']:.3f}; final loss with log10 Gflops: "
               f"{summary['r_loss_log_gflops']:.3f}."]
     plots = plot(cells, args, args.plots)

@@ -62,7 +62,8 @@ class Schedule:
         self.posterior_variance = self.betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_log_variance_clipped = np.log(np.append(self.posterior_variance[1], self.posterior_variance[1:]))
         self.posterior_mean_coef1 = self.betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
-        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(1.0 - self.betas) / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef2 = ((1.0 - self.alphas_cumprod_prev) * np.sqrt(1.0 - self.betas)
+                                     / (1.0 - self.alphas_cumprod))
 
 
 def extract(arr: np.ndarray, timesteps: torch.Tensor, broadcast_shape) -> torch.Tensor:
@@ -114,7 +115,8 @@ def ddim_sample_loop(respacing: str, model, shape, noise=None, clip_denoised=Tru
                    / extract(s.sqrt_recipm1_alphas_cumprod, t, img.shape))
             alpha_bar = extract(s.alphas_cumprod, t, img.shape)
             alpha_bar_prev = extract(s.alphas_cumprod_prev, t, img.shape)
-            sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
+            sigma = (eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
+                     * torch.sqrt(1 - alpha_bar / alpha_bar_prev))
             noise_i = torch.randn_like(img)
             mean_pred = pred_xstart * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma ** 2) * eps
             nonzero_mask = (t != 0).float().view(-1, *([1] * (len(img.shape) - 1)))

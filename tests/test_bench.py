@@ -1,17 +1,17 @@
 """Every bench script in its tiny --smoke mode, so none of them can rot (real figures: make bench)."""
 import pytest
-
-from conftest import run_script
+from helpers import run_script
 
 
 @pytest.mark.parametrize("script, heading", [
-    ("bench/peak.py", "| shape | dtype | GFLOP/s | vs fp32 |"),
-    ("bench/model_speed.py", "| model | pass | batch | seconds | images/s | GFLOP/s | of peak |"),
+    ("bench.peak", "| shape | dtype | GFLOP/s | vs fp32 |"),
+    ("bench.model_speed", "| model | pass | batch | seconds | images/s | GFLOP/s | of peak |"),
     # These three time torch.compile or a VAE: minutes on a small CPU, so make test-all runs them.
-    pytest.param("bench/switches.py", "| switch | step seconds | speed vs eager fp32 | step memory MB | memory vs eager fp32 |",
+    pytest.param("bench.switches",
+                 "| switch | step seconds | speed vs eager fp32 | step memory MB | memory vs eager fp32 |",
                  marks=pytest.mark.slow),
-    pytest.param("bench/train_e2e.py", "| input | images/s | vs on-the-fly VAE |", marks=pytest.mark.slow),
-    pytest.param("bench/sample_speed.py", "| sampler | steps | mode | s/step | s/image (full run) | speed vs eager |",
+    pytest.param("bench.train_e2e", "| input | images/s | vs on-the-fly VAE |", marks=pytest.mark.slow),
+    pytest.param("bench.sample_speed", "| sampler | steps | mode | s/step | s/image (full run) | speed vs eager |",
                  marks=pytest.mark.slow),
 ])
 def test_bench_script_smoke(script, heading):

@@ -3,10 +3,10 @@ import json
 
 import pytest
 import torch
+from helpers import DEVICE, make_image_folder, run_main, run_script
 from PIL import Image
 
 from bench.model_table import PAPER_XL2_DESIGN_GFLOPS
-from conftest import DEVICE, make_image_folder, run_main, run_script
 from diffusion import create_diffusion
 from models import BLOCK_DESIGNS, DiT, DiT_models, count_forward_gmacs
 from weights import block_design
@@ -151,7 +151,7 @@ def test_train_records_the_block_and_sampling_rebuilds_it(tmp_path):
 @pytest.mark.slow  # two trainings, a judge and the FID network: over a minute on 2 cores
 def test_ablation_script_smoke(tmp_path):
     out = tmp_path / "ablation"
-    result = run_script("experiments/block_ablation.py", "--out", out, "--max-steps", "3", "--global-batch-size", "32",
+    result = run_script("experiments.block_ablation", "--out", out, "--max-steps", "3", "--global-batch-size", "32",
                         "--log-every", "1", "--per-class", "1", "--sample-steps", "2", "--fid-reference", "30",
                         "--designs", "adaln", "in-context", timeout=600)
     report = json.loads((out / "ablation.json").read_text())

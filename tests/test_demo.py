@@ -2,15 +2,14 @@
 import json
 
 import pytest
+from helpers import run_script
 from PIL import Image
-
-from conftest import run_script
 
 
 @pytest.mark.slow  # three processes, the judge and the FID network: over a minute on 2 cores (make test-all)
 def test_demo_pipeline_runs_and_its_judge_is_trustworthy(tmp_path):
     out = tmp_path / "demo"
-    result = run_script("demo/mnist.py", "--out", out, "--max-steps", "4", "--global-batch-size", "32",
+    result = run_script("demo.mnist", "--out", out, "--max-steps", "4", "--global-batch-size", "32",
                         "--per-class", "2", "--sample-steps", "3", "--fid-reference", "60", timeout=600,
                         env={"OMP_NUM_THREADS": "2"})  # one process at a time: it may use both cores
     report = json.loads((out / "report.json").read_text())
@@ -27,15 +26,12 @@ def test_demo_pipeline_runs_and_its_judge_is_trustworthy(tmp_path):
 
 
 def test_fid_reference_is_cached_and_read_back(tmp_path):
-    import sys
-
     import numpy as np
     import torch
+    from helpers import fid_network_path
 
-    from conftest import ROOT, fid_network_path
-    from evaluate import InceptionNetwork
-    sys.path.insert(0, str(ROOT / "demo"))
-    from mnist import fid_reference
+    from experiments.digits import fid_reference
+    from metrics import InceptionNetwork
 
     network = InceptionNetwork(str(fid_network_path()))
     real = np.random.default_rng(0).integers(0, 256, (12, 16, 16), dtype=np.uint8)

@@ -1,7 +1,7 @@
 """diffusers interop: exact round trip, and the measured gap between diffusers' forward and ours."""
 import torch
+from helpers import run_script
 
-from conftest import run_script
 from diffusers_interop import from_diffusers, model_kwargs_from_diffusers, to_diffusers
 from models import DiT
 
@@ -56,8 +56,8 @@ def test_diffusers_forward_gap_is_only_the_timestep_frequencies():
 def test_cli_export_pipeline_and_import(tmp_path, tiny_vae_path, trained_checkpoint):
     import argparse
 
-    from diffusers_interop import import_command
-    run_script("diffusers_interop.py", "export", "--ckpt", trained_checkpoint, "--out", tmp_path / "pipe",
+    from convert_diffusers import import_command
+    run_script("convert_diffusers.py", "export", "--ckpt", trained_checkpoint, "--out", tmp_path / "pipe",
                "--vae", tiny_vae_path)
     from diffusers import DiTPipeline
     pipeline = DiTPipeline.from_pretrained(tmp_path / "pipe")

@@ -2,6 +2,7 @@
 import math
 
 import numpy as np
+import official_reference as official
 import pytest
 import torch
 
@@ -9,8 +10,6 @@ from diffusion import create_diffusion, space_timesteps
 from diffusion import gaussian_diffusion as gd
 from diffusion.diffusion_utils import discretized_gaussian_log_likelihood, normal_kl
 from diffusion.timestep_sampler import LossSecondMomentResampler, UniformSampler, create_named_schedule_sampler
-import official_reference as official
-
 
 # ---- respacing ---------------------------------------------------------------------------------
 
@@ -169,7 +168,8 @@ def test_loss_variants():
     torch.testing.assert_close(kl["loss"], base["vb"] * 50)
     fixed, output = losses_with_grad(create_diffusion("50", learn_sigma=False), x0, t, noise, channels=2)
     assert set(fixed) == {"loss", "mse"}
-    xstart, output = losses_with_grad(create_diffusion("50", learn_sigma=False, predict_xstart=True), x0, t, noise, channels=2)
+    xstart, output = losses_with_grad(create_diffusion("50", learn_sigma=False, predict_xstart=True), x0, t, noise,
+                                      channels=2)
     torch.testing.assert_close(xstart["mse"], ((output - x0) ** 2).mean(dim=(1, 2, 3)))
 
 
@@ -276,7 +276,8 @@ def test_discretized_likelihood_is_a_distribution_over_256_levels():
     levels = torch.linspace(-1, 1, 256)
     for mean, log_scale in ((0.0, -2.0), (0.7, -4.0), (-1.2, 0.5)):
         means = torch.full_like(levels, mean)
-        log_probs = discretized_gaussian_log_likelihood(levels, means=means, log_scales=torch.full_like(levels, log_scale))
+        log_probs = discretized_gaussian_log_likelihood(levels, means=means, log_scales=torch.full_like(levels,
+                                                                                                        log_scale))
         assert log_probs.exp().sum().item() == pytest.approx(1.0, abs=1e-4)
 
 

@@ -1,19 +1,16 @@
 """The experiments' scripts, smoke-sized: they run end to end and write what they promise."""
 import json
 import math
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT
 from models import DiT_models
 
-sys.path.insert(0, str(ROOT / "experiments"))
 
-
+@pytest.mark.slow  # the FID network over 80 digits, a judge trained twice: about 50 s on 2 cores
 def test_sampler_sweep_smoke(tmp_path):
-    import sampler_sweep
+    from experiments import sampler_sweep
 
     torch.manual_seed(0)
     model = DiT_models["DiT-Nano/4"](input_size=16, in_channels=3, num_classes=10)
@@ -30,8 +27,21 @@ def test_sampler_sweep_smoke(tmp_path):
     assert [(r["sampler"], r["steps"], r["interval"]) for r in rows] == [("ddpm", 4, None), ("dpm++", 3, None),
                                                                           ("dpm++", 3, (0.0, 0.5))]
     assert [r["nfe"] for r in rows] == [8, 6, 4]  # dpm++ 3 steps: t = 999, 666, 333; two lie outside [0, 0.5]
-    assert all(r["fid"] > 0 and r["sfid"] > 0 and 0 <= r["accuracy"] <= 1 and r["seconds"] > 0 for r in rows)
     assert rows[1]["fid"] != rows[2]["fid"]  # the interval changed the samples
+    # Each row is the metrics of that setting's samples: redraw the dpm++ row with the same seed and score it here.
+    from experiments.digits import accuracy, as_model_input, draw, fid_network, real_digits, train_classifier
+    from images import to_uint8_images
+    from metrics import evaluate, extract, image_features
+    labels = torch.arange(10).repeat_interleave(2)
+    samples, _ = draw(model.eval(), "dpm++", 3, None, 4.0, labels, batch_size=500, seed=0)
+    network = fid_network()
+    reference = extract(network, str(tmp_path / "out" / "fid_reference_16px_20.npz"), progress=False)
+    expected = evaluate(image_features(network, to_uint8_images(samples)), reference)
+    assert (rows[1]["fid"], rows[1]["sfid"]) == pytest.approx((expected["fid"], expected["sfid"]), rel=1e-6)
+    real, targets, train_part, _ = real_digits(16)
+    judge = train_classifier(as_model_input(real[train_part]), targets[train_part])
+    assert rows[1]["accuracy"] == accuracy(judge, samples.mean(1, keepdim=True), labels)
+    assert rows[1]["accuracy"] < 0.5  # random weights draw no digits (chance is 0.1)
     assert (tmp_path / "sweep.png").stat().st_size > 0
     assert (tmp_path / "out" / "sweep.md").read_text().count("\n") == 5
     stored = json.loads((tmp_path / "out" / "sweep.json").read_text())
@@ -42,19 +52,21 @@ def test_sampler_sweep_smoke(tmp_path):
 
 @pytest.mark.slow  # three train.py runs under torchrun and 5,000 PNGs: about a minute on 2 cores
 def test_fine_tune_experiment_smoke(tmp_path):
-    import fine_tune
+    from experiments import fine_tune
 
     rows = fine_tune.main(["--out", str(tmp_path), "--pretrain-steps", "2", "--steps", "2", "--per-class-eval", "2",
                            "--reference", "20", "--global-batch-size", "16", "--nproc", "1"])
     assert set(rows) == {"fine-tuned from 0-4", "from scratch"}
-    assert all(r["fid"] > 0 and 0 <= r["accuracy"] <= 1 for r in rows.values())
+    # The digits are balanced (2 per class), so the accuracy is the mean of the two halves' accuracies.
+    assert all(r["accuracy"] == pytest.approx((r["accuracy_0_4"] + r["accuracy_5_9"]) / 2) for r in rows.values())
     log = next((tmp_path / "fine-tune").iterdir()) / "log.txt"
     assert "Initialised from" in log.read_text() and "re-initialised the label table" in log.read_text()
     assert "| fine-tuned from 0-4 | 2 |" in (tmp_path / "fine_tune.md").read_text()
 
 
+@pytest.mark.slow  # four train.py runs and their FID: over a minute on 2 cores
 def test_scaling_experiment_smoke(tmp_path):
-    import scaling
+    from experiments import scaling
 
     flags = ["--out", str(tmp_path / "out"), "--plots", str(tmp_path / "plots" / "scaling"), "--sizes", "Pico", "Nano",
              "--patches", "8", "4", "--steps", "1", "--global-batch-size", "8", "--fid-samples", "2",

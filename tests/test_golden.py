@@ -2,10 +2,10 @@
 from pathlib import Path
 
 import numpy as np
+import official_reference as official
 import pytest
 import torch
 
-import official_reference as official
 from diffusion import create_diffusion
 from models import DiT
 

@@ -5,8 +5,8 @@ import json
 
 import pytest
 import torch
+from helpers import make_image_folder, run_script
 
-from conftest import make_image_folder, run_script
 from diffusion import create_diffusion
 from models import DiT
 
@@ -30,10 +30,12 @@ def losses(results) -> list:
 
 def test_no_host_sync_in_forward_loss_and_sampling_step(cuda):
     torch.manual_seed(0)
-    model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10).to(cuda)
+    model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4,
+                num_classes=10).to(cuda)
     diffusion = create_diffusion("")
     sampling = create_diffusion("50")
-    x, t, y = torch.randn(4, 4, 8, 8, device=cuda), torch.randint(0, 1000, (4,), device=cuda), torch.arange(4, device=cuda)
+    x, t, y = torch.randn(4, 4, 8, 8, device=cuda), torch.randint(0, 1000, (4,), device=cuda), torch.arange(4,
+                                                                                                            device=cuda)
     step = torch.full((4,), 10, device=cuda)
 
     def work():

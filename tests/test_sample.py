@@ -1,0 +1,142 @@
+"""sample.py: seeded grids, the official recipe and TF32, the samplers, one-line errors."""
+import re
+from pathlib import Path
+
+import official_reference as official
+import pytest
+import torch
+from helpers import DEVICE, digest, run_main, run_script
+from PIL import Image
+
+from download import DownloadError
+from models import DiT_models
+
+pytestmark = pytest.mark.device  # on CUDA when present: see helpers.DEVICE
+
+
+
+
+def test_sample_writes_a_seeded_grid(tmp_path, trained_checkpoint):
+    common = ["--ckpt", trained_checkpoint, "--class-labels", "0", "1", "1", "0", "1", "--num-sampling-steps", "5",
+              "--device", DEVICE]
+    first, again, other = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png"
+    run_main("sample.py", *common, "--output", first)
+    run_main("sample.py", *common, "--output", again)
+    run_main("sample.py", *common, "--output", other, "--seed", "1")
+    assert Image.open(first).size == (4 * 32 + 5 * 2, 2 * 32 + 3 * 2)  # 5 images, 4 per row
+    assert digest(first) == digest(again)
+    assert digest(first) != digest(other)
+    ddim = run_script("sample.py", *common, "--output", tmp_path / "d.png", "--sampler", "ddim")  # as a user runs it
+    assert f"Saved 5 samples to {tmp_path / 'd.png'}" in ddim.stdout and Image.open(tmp_path / "d.png").size == (138,
+                                                                                                                 70)
+
+
+def test_sample_latents_equal_the_official_recipe(tmp_path, trained_checkpoint, monkeypatch):
+    """The official sample.py, written out with the transcribed official sampler: seed, build,
+    load, (VAE), noise, CFG batch, ancestral loop over the official "7"-step respacing."""
+    import sample
+    captured = {}
+    monkeypatch.setattr(sample, "decode", lambda vae, latents: captured.setdefault("latents", latents.clone()))
+    monkeypatch.setattr(sample, "save_image_grid", lambda images, path, nrow: Path(path))
+    sample.main(sample.parse_args(["--ckpt", str(trained_checkpoint), "--class-labels", "1", "0",
+                                   "--num-sampling-steps", "7", "--cfg-scale", "3.0", "--device", DEVICE,
+                                   "--output", str(tmp_path / "x.png")]))
+
+    torch.manual_seed(0)
+    model = DiT_models["DiT-Nano/2"](input_size=4, num_classes=2)
+    model.load_state_dict(torch.load(trained_checkpoint, weights_only=True)["ema"])
+    model.eval()
+    z = torch.randn(2, 4, 4, 4)
+    y = torch.tensor([1, 0])
+    z = torch.cat([z, z], 0)
+    y = torch.cat([y, torch.tensor([2, 2])], 0)
+    expected = official.p_sample_loop("7", model.forward_with_cfg, z.shape, z, clip_denoised=False,
+                                      model_kwargs=dict(y=y, cfg_scale=3.0))[:2]
+    torch.testing.assert_close(captured["latents"], expected, atol=1e-5, rtol=0)
+
+
+@pytest.fixture
+def tf32_flags():
+    """Restores PyTorch's TF32 flags after a test that lets scripts set them."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_tf32_flags_as_the_official_scripts_set_them(tmp_path, trained_checkpoint, tf32_flags):
+    """sample.py turns TF32 on for matmuls and cuDNN; sample_ddp.py's --tf32 sets the matmul flag only."""
+    import sample
+    import sample_ddp
+    common = ["--ckpt", str(trained_checkpoint), "--class-labels", "0", "--num-sampling-steps", "2", "--device", DEVICE]
+    sample.main(sample.parse_args([*common, "--output", str(tmp_path / "a.png")]))
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    sample.main(sample.parse_args([*common, "--output", str(tmp_path / "b.png"), "--no-tf32"]))
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    sample_ddp.main(sample_ddp.parse_args(["--ckpt", str(trained_checkpoint), "--sample-dir", str(tmp_path / "s"),
+                                           "--per-proc-batch-size", "1", "--num-fid-samples", "1",
+                                           "--num-sampling-steps", "2", "--device", DEVICE]))
+    assert torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--nrow", "0"], "--nrow must be at least 1, got 0"),
+    (["--output", "outfile"], "--output outfile: give a file name with an image extension"),
+    (["--cfg-scale", "-3"], "--cfg-scale must be a number >= 0.0 (1.0 turns guidance off), got -3.0"),
+    (["--cfg-scale", "nan"], "--cfg-scale must be a number >= 0.0 (1.0 turns guidance off), got nan"),
+    (["--eta", "-1"], "--eta must be >= 0"),
+    (["--eta", "0.5", "--sampler", "dpm++"], "--eta 0.5 only applies to --sampler ddim (--sampler dpm++ ignores it)"),
+    (["--num-sampling-steps", "0"], "--num-sampling-steps must be at least 2 for DiT's learned-variance sampling, "
+                                    "got 0"),
+    (["--num-sampling-steps", "1"], "--num-sampling-steps must be at least 2"),
+    (["--num-sampling-steps", "4", "--cfg-interval", "0.8", "0.9"],
+     "the guidance interval [0.8, 0.9] (in t/1000) holds none of the 4 timesteps ddpm samples at"),
+    (["--cfg-interval-sigma", "1000", "2000"], "--cfg-interval-sigma 1000.0 2000.0 holds no timestep"),
+    (["--sampler", "dpm++", "--num-sampling-steps", "1000"], "--num-sampling-steps 1000: --sampler dpm++ visits only"),
+    (["--sampler", "unipc", "--num-sampling-steps", "1200"], "use at most 999 steps"),
+    (["--image-size", "0", "--vae", "none"], "--image-size must be a positive number of pixels, got 0"),
+])
+def test_bad_sample_flags_are_named_before_any_work(tmp_path, trained_checkpoint, flags, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        run_main("sample.py", "--ckpt", trained_checkpoint, "--device", DEVICE, "--class-labels", "0", "--output",
+                 tmp_path / "x.png", *flags)
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_unreachable_hub_vae_is_a_one_line_error(tmp_path, trained_checkpoint):
+    result = run_script("sample.py", "--ckpt", trained_checkpoint, "--vae", "mse", "--class-labels", "0",
+                        "--num-sampling-steps", "2", "--device", DEVICE, "--output", tmp_path / "x.png",
+                        check=False, env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "could not load the VAE 'stabilityai/sd-vae-ft-mse'" in result.stderr
+    assert "--vae /path/to/a/local/AutoencoderKL folder" in result.stderr
+
+
+def test_sample_py_takes_the_solvers_and_checks_the_interval(tmp_path, trained_checkpoint):
+    common = ["--ckpt", trained_checkpoint, "--class-labels", "0", "1", "--num-sampling-steps", "4", "--device", DEVICE]
+    for sampler in ("dpm++", "unipc"):
+        path = run_main("sample.py", *common, "--sampler", sampler, "--output", tmp_path / f"{sampler}.png")
+        assert path.is_file()
+    with pytest.raises(ValueError, match=re.escape("--cfg-interval LO HI needs 0 <= LO <= HI <= 1 (fractions of the "
+                                                   "1000 timesteps), got 0.8 0.2")):
+        run_main("sample.py", *common, "--cfg-interval", "0.8", "0.2", "--output", tmp_path / "x.png")
+
+
+@pytest.mark.parametrize("script", ["sample.py", "sample_ddp.py"])
+def test_an_official_name_as_ckpt_is_fetched_as_find_model_does(tmp_path, monkeypatch, script):
+    """--ckpt DiT-XL-2-512x512.pt (not a local file): the official find_model downloads it; so do we,
+    as the 512px model (before: 'no such file')."""
+    import weights
+    asked = []
+
+    def find_model(name):
+        asked.append(name)
+        raise DownloadError("stopped before the download")
+
+    monkeypatch.setattr(weights, "find_model", find_model)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DownloadError):
+        run_main(script, "--ckpt", "DiT-XL-2-512x512.pt", "--device", "cpu")
+    assert asked == ["DiT-XL-2-512x512.pt"]
+    with pytest.raises(ValueError, match="--ckpt DiT-XL-2-512x512.pt is the 512px model; --image-size 256 does not"):
+        run_main(script, "--ckpt", "DiT-XL-2-512x512.pt", "--image-size", "256", "--device", "cpu")

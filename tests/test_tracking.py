@@ -1,0 +1,58 @@
+"""tracking.py: TensorBoard and W&B get every number of metrics.jsonl and the sample grids."""
+import math
+
+import pytest
+from helpers import PIXEL, only_experiment, read_metrics, run_main
+
+pytestmark = pytest.mark.device  # on CUDA when present: see helpers.DEVICE
+
+
+def test_report_to_tensorboard_and_wandb_get_every_number_and_grid(tmp_path, image_folder_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")  # W&B without network: the run is written for `wandb sync`
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    runs = {}
+    for tracker in ("tensorboard", "wandb"):
+        run_main("train.py", "--data-path", image_folder_path, "--results-dir", tmp_path / tracker,
+                 "--global-batch-size", "8", "--max-steps", "4", "--log-every", "2", "--ckpt-every", "100",
+                 "--sample-every", "4", "--sample-steps", "2", "--sample-grid-size", "4", "--report-to", tracker,
+                 *PIXEL)
+        runs[tracker] = only_experiment(tmp_path / tracker)
+    records = read_metrics(runs["tensorboard"])
+    measured = ("steps_per_sec", "images_per_sec", "peak_memory_mb")  # of the machine, not of the training
+    assert [{k: v for k, v in r.items() if k not in measured} for r in records] == \
+        [{k: v for k,
+          v in r.items() if k not in measured} for r in read_metrics(runs["wandb"])]  # trackers change nothing
+    for record in records:
+        assert record["grad_norm"] > 0 and math.isfinite(record["grad_norm"])
+        quartiles = [q for q in range(4) if f"loss_q{q}" in record]
+        assert quartiles, record
+        for q in quartiles:  # DiT learns sigma: its loss is the mse plus the vb term
+            assert record[f"loss_q{q}"] == pytest.approx(record[f"mse_q{q}"] + record[f"vb_q{q}"], rel=1e-6)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(runs["tensorboard"] / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    for record in records:
+        for key, value in record.items():
+            if key != "step":
+                logged = {e.step: e.value for e in events.Scalars(key)}
+                assert logged[record["step"]] == pytest.approx(value, rel=1e-6), key
+    (grid,) = events.Images("samples")
+    assert (grid.step, grid.width, grid.height) == (4, 2 * 16 + 3 * 2, 2 * 16 + 3 * 2)
+
+    (run,) = (runs["wandb"] / "wandb").glob("offline-run-*")
+    assert run.name.endswith((runs["wandb"] / "wandb-run-id").read_text().strip())
+    history = next(run.glob("run-*.wandb")).read_bytes()
+    assert all(key.encode() in history for key in records[0])
+    assert len(list(run.rglob("media/images/samples_*.png"))) == 1
+
+    # A resumed run continues the same W&B run and the same TensorBoard curves.
+    for tracker in ("tensorboard", "wandb"):
+        run_main("train.py", "--data-path", image_folder_path, "--results-dir", tmp_path / tracker,
+                 "--global-batch-size", "8", "--max-steps", "6", "--log-every", "2", "--ckpt-every", "100",
+                 "--report-to", tracker, "--resume", "auto", *PIXEL)
+    run_ids = {r.name.rsplit("-", 1)[-1] for r in (runs["wandb"] / "wandb").glob("offline-run-*")}
+    assert run_ids == {(runs["wandb"] / "wandb-run-id").read_text().strip()}
+    events = EventAccumulator(str(runs["tensorboard"] / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [2, 4, 6]
