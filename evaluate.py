@@ -15,36 +15,55 @@ network that returns pool3 features for 299x299 inputs in [-1, 1] (no logits the
 """
 import argparse
 import sys
+from pathlib import Path
 
-from metrics import InceptionNetwork, evaluate, extract, save_statistics
-from processes import resolve_device, run_cli
+import torch
+
+from metrics import CHUNK_IMAGES, IS_SPLIT_SIZE, InceptionNetwork, evaluate, extract, save_statistics
+from processes import add_device_flags, distributed, rank_zero_first, require_positive, run_cli
 
 # ---- the command -------------------------------------------------------------------------------
 
 def main(args: argparse.Namespace) -> None:
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
+    require_positive(args, "batch_size", "chunk_images")
     if args.save_stats is None and args.reference is None:
         raise ValueError("give a reference batch to compare with, or --save-stats OUT.npz to write statistics")
-    device = resolve_device(args.device)
-    network = InceptionNetwork(args.inception, device)
-    first = extract(network, args.inputs, args.batch_size, args.image_size)
-    if args.save_stats is not None:
+    for path in (args.inputs, args.reference):
+        if args.save_stats is not None and path is not None and Path(args.save_stats).resolve() == Path(path).resolve():
+            raise ValueError(f"--save-stats {args.save_stats} is an input of this command; writing there would replace "
+                             f"it: choose another file")
+    with distributed(args.device) as (rank, world_size, device):
+        report(args, rank, world_size, device)
+
+
+def report(args: argparse.Namespace, rank: int, world_size: int, device) -> None:
+    """Features of both inputs (each rank a share under torchrun), then rank 0 prints the metrics."""
+    # Features in full float32, as ADM's TensorFlow evaluator computes them (TF32 changes the last digits).
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    torch.backends.cudnn.allow_tf32 = args.tf32
+    network = rank_zero_first(rank, lambda: InceptionNetwork(args.inception, device))  # rank 0 downloads
+    cache = Path(args.cache_dir) if args.cache_dir else None
+    first = extract(network, args.inputs, args.batch_size, args.image_size, True, rank, world_size, cache,
+                    args.chunk_images)
+    if args.save_stats is not None and rank == 0:
         if "pool3" not in first:
             raise ValueError(f"{args.inputs} already holds statistics; --save-stats needs images")
         written = save_statistics(args.save_stats, first, network.name)
         print(f"Wrote the statistics of {len(first['pool3'])} images to {written}")
     if args.reference is None:
         return
-    second = extract(network, args.reference, args.batch_size, args.image_size)
-    for name, side in ((args.inputs, first), (args.reference, second)):
-        if "pool3" in side and len(side["pool3"]) < 2048:
-            print(f"warning: {name} holds {len(side['pool3'])} images; FID from fewer than 2,048 is biased upwards "
-                  f"and not comparable with published figures (50,000 samples)", file=sys.stderr)
+    second = extract(network, args.reference, args.batch_size, args.image_size, True, rank, world_size, cache,
+                     args.chunk_images)
+    if rank != 0:
+        return
+    for warning in warnings(args.inputs, first, args.reference, second):
+        print(f"warning: {warning}", file=sys.stderr)
     metrics = evaluate(first, second)
     print(f"Network: {network.name}")
     if "inception_score" in metrics:
-        print(f"Inception Score: {metrics['inception_score']:.4f} +- {metrics['inception_score_std']:.4f}")
+        splits = -(-len(first["logits"]) // IS_SPLIT_SIZE)
+        print(f"Inception Score: {metrics['inception_score']:.4f} (mean of {splits} consecutive split(s) of up to "
+              f"{IS_SPLIT_SIZE:,}, as ADM's evaluator; spread {metrics['inception_score_std']:.4f})")
     else:
         print("Inception Score: n/a (needs images and a network with logits)")
     print(f"FID: {metrics['fid']:.4f}")
@@ -63,6 +82,23 @@ def main(args: argparse.Namespace) -> None:
         print("Precision/Recall: n/a (needs the features of both sides: images, or statistics with pool3)")
 
 
+def warnings(first_name: str, first: dict, second_name: str, second: dict) -> list:
+    """What makes a comparison of these two sets mean less than it seems to."""
+    found = []
+    for name, side in ((first_name, first), (second_name, second)):
+        if "pool3" in side and len(side["pool3"]) < 2048:
+            found.append(f"{name} holds {len(side['pool3'])} images; FID from fewer than 2,048 is biased upwards and "
+                         f"not comparable with published figures (50,000 samples)")
+        if side.get("flat_images"):
+            found.append(f"every image of {name} is one flat colour: check the sampler and the VAE decoder")
+    sizes = [side.get("image_sizes") for side in (first, second)]
+    if all(sizes) and sizes[0] != sizes[1]:
+        shown = [", ".join(f"{h}x{w}" for h, w in s) for s in sizes]
+        found.append(f"{first_name} holds {shown[0]} images, {second_name} {shown[1]}: both are resized to 299x299, "
+                     f"so FID also counts the difference in resolution; compare sets of one size")
+    return found
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="FID, sFID, Inception Score and precision/recall in PyTorch.")
     parser.add_argument("inputs", help="the samples: .npz of images (arr_0) or statistics (mu, sigma), or a folder")
@@ -73,7 +109,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=None,
                         help="centre-crop folder images to this size (ADM's crop)")
     parser.add_argument("--batch-size", type=int, default=50)
-    parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    parser.add_argument("--cache-dir", default=None, metavar="DIR",
+                        help="keep each finished chunk's features here, so a rerun only does the rest")
+    parser.add_argument("--chunk-images", type=int, default=CHUNK_IMAGES,
+                        help="images per unit of work: what a process (torchrun) takes, caches and resumes")
+    add_device_flags(parser, tf32_help="TF32 for the Inception network on Ampere+ GPUs (off: features in full fp32, "
+                                       "as ADM's evaluator computed them)")
+    parser.set_defaults(tf32=False)
     return parser.parse_args(argv)
 
 

@@ -28,6 +28,7 @@ from latents import (
     latent_shape,
     load_vae,
     to_stored,
+    vae_identity,
     vae_scale,
 )
 from processes import create_logger, distributed, require_positive, run_cli
@@ -39,6 +40,9 @@ def main(args: argparse.Namespace) -> None:
     if args.image_size <= 0 or args.image_size % 8:
         raise ValueError(f"--image-size {args.image_size} must be a positive multiple of 8")
     require_positive(args, "batch_size")
+    if (Path(args.features_path) / FEATURES_META).is_file() and not args.overwrite:
+        raise ValueError(f"--features-path {args.features_path} holds a finished extraction; choose another folder, "
+                         f"or pass --overwrite to replace it (until the new one finishes, neither is usable)")
     with distributed(args.device) as (rank, world_size, device):
         extract(args, rank, world_size, device)
 
@@ -48,9 +52,10 @@ def extract(args: argparse.Namespace, rank: int, world_size: int, device: torch.
     vae = load_vae(args.vae, device)
     channels, latent_size = latent_shape(vae, args.image_size)
     out = Path(args.features_path)
+    identity = vae_identity(args.vae) if rank == 0 else None
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / FEATURES_META).unlink(missing_ok=True)  # the folder is incomplete until meta.json returns
+        (out / FEATURES_META).unlink(missing_ok=True)  # --overwrite: the folder is incomplete until meta.json returns
     dist.barrier()
     logger = create_logger(None, rank)
 
@@ -85,7 +90,7 @@ def extract(args: argparse.Namespace, rank: int, world_size: int, device: torch.
     if rank == 0:
         names = [feature_shard_names(r) for r in range(world_size)]
         meta = {
-            "image_size": args.image_size, "vae": args.vae, "scale": vae_scale(vae), "channels": channels,
+            "image_size": args.image_size, **identity, "scale": vae_scale(vae), "channels": channels,
             "latent_size": latent_size, "num_classes": len(dataset.classes), "classes": dataset.classes,
             "dtype": args.dtype,
             "num_images": len(dataset),
@@ -110,6 +115,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="how the posteriors are stored (float16/bfloat16: half the disk)")
     parser.add_argument("--num-workers", type=int, default=4)
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    parser.add_argument("--overwrite", action="store_true", help="replace a finished extraction in --features-path")
     return parser.parse_args(argv)
 
 

@@ -1,4 +1,5 @@
 """Images in and out: reading any image file as RGB, the ADM crop, ImageFolder data, PNG grids."""
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional, Union
@@ -93,6 +94,7 @@ def image_folder(data_path: Optional[str], image_size: int):
         raise ValueError("--data-path is required (a folder with one sub-folder of images per class)")
     if not Path(data_path).is_dir():
         raise ValueError(f"--data-path {data_path} is not a folder")
+    check_folder_links(data_path)
     transform = transforms.Compose([
         transforms.Lambda(lambda pil_image: center_crop_arr(pil_image, image_size)),
         transforms.ToTensor(),
@@ -102,6 +104,32 @@ def image_folder(data_path: Optional[str], image_size: int):
         return ImageFolder(data_path, transform=transform, loader=load_rgb)
     except FileNotFoundError as error:
         raise ValueError(f"--data-path {data_path} holds no images in class sub-folders ({error})") from None
+
+
+def check_folder_links(data_path: str) -> None:
+    """ImageFolder follows symbolic links to folders: a link back up the tree is read again and again,
+    and a link into another class folder labels its images as this class. Both stop here, named."""
+    root = os.path.realpath(data_path)
+    for class_entry in sorted(os.scandir(data_path), key=lambda e: e.name):
+        if not class_entry.is_dir():
+            continue
+        class_root = os.path.realpath(class_entry.path)
+        seen, folders = {class_root}, [class_entry.path]
+        while folders:
+            with os.scandir(folders.pop()) as entries:
+                for entry in entries:
+                    if not entry.is_dir():
+                        continue
+                    target = os.path.realpath(entry.path)
+                    if target in seen or class_root.startswith(target + os.sep):
+                        raise ValueError(f"--data-path: {entry.path} links to {target}, a folder read already (a loop "
+                                         f"of symbolic links); remove the link")
+                    inside_root = target.startswith(root + os.sep)
+                    if inside_root and not target.startswith(class_root + os.sep):
+                        raise ValueError(f"--data-path: {entry.path} links to {target}, outside its class folder "
+                                         f"{class_entry.name}; its images would be labelled {class_entry.name}")
+                    seen.add(target)
+                    folders.append(entry.path)
 
 
 def check_image_path(path: Union[str, Path], flag: str) -> None:

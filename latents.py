@@ -1,10 +1,13 @@
 """The VAE and latents: loading the VAE, encoding and decoding, and the stored posteriors
 extract_features.py writes and train.py --feature-path reads."""
+import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from files import file_digest
 
 # The Stable Diffusion VAEs DiT was trained with, by their short names.
 HUB_VAES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
@@ -25,6 +28,24 @@ def load_vae(choice: str, device: torch.device):
         raise OSError(f"could not load the VAE {source!r} ({error}). Offline? Download it once with network "
                       f"access, or pass --vae /path/to/a/local/AutoencoderKL folder") from error
     return vae.to(device).eval().requires_grad_(False)
+
+
+def vae_identity(choice: str) -> dict:
+    """What names a VAE for good, for extract_features.py's meta.json: the short hub name, or a local
+    folder's absolute path and a hash of its files (a relative path breaks from another directory,
+    and another folder of the same name would be used silently)."""
+    if choice in HUB_VAES or choice == "none":
+        return {"vae": choice}
+    folder = Path(choice).resolve()
+    return {"vae": str(folder), "vae_sha256": folder_digest(folder)}
+
+
+def folder_digest(folder: Path) -> str:
+    """SHA-256 over a folder's file names and contents, in sorted order."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode() + b"\0" + file_digest(path).encode())
+    return digest.hexdigest()
 
 
 def latent_shape(vae, image_size: int) -> tuple[int, int]:
@@ -111,6 +132,18 @@ class LatentFeatures(torch.utils.data.Dataset):
         self.scale = self.meta["scale"]
         self.shards = self.meta["shards"]
         self._arrays = None  # memory maps are opened lazily, once per data-loader worker
+
+    def load_vae(self, device: torch.device):
+        """The VAE that made these latents (sample grids decode with it), checked to be the same one."""
+        vae, expected = self.meta["vae"], self.meta.get("vae_sha256")
+        if expected is not None:
+            if not Path(vae).is_dir():
+                raise ValueError(f"--feature-path {self.root}: its latents were made by the VAE in {vae}, which is "
+                                 f"gone; put it back, or train without sample grids (--sample-every 0)")
+            if folder_digest(Path(vae)) != expected:
+                raise ValueError(f"--feature-path {self.root}: the VAE folder {vae} has changed since the latents "
+                                 f"were made (its files' hash differs); restore it, or extract the latents again")
+        return load_vae(vae, device)
 
     def check_matches(self, image_size: int, num_classes: int) -> None:
         if self.meta["image_size"] != image_size:

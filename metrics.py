@@ -4,6 +4,8 @@ the command line; train.py --fid-every and the experiments use these directly)."
 import importlib.util
 import sys
 import warnings
+import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -11,9 +13,6 @@ import numpy as np
 import torch
 from torch_fidelity import feature_extractor_inceptionv3 as fidelity_inception
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
-from torch_fidelity.metric_fid import fid_statistics_to_metric
-from torch_fidelity.metric_isc import isc_features_to_metric
-from torch_fidelity.metric_prc import prc_features_to_metric
 
 from files import atomic_write
 from images import center_crop_arr, load_rgb
@@ -120,12 +119,17 @@ def as_uint8_nchw(batch: np.ndarray, source: str) -> torch.Tensor:
     return tensor.expand(-1, 3, -1, -1) if tensor.shape[1] == 1 else tensor
 
 
-def folder_batches(folder: Path, batch_size: int, image_size: Optional[int]) -> tuple[int, Iterator[np.ndarray]]:
-    """(count, uint8 NHWC batches) of every image file under folder, in sorted order."""
+def image_files(folder: Path) -> list:
+    """Every image file under folder, in sorted order."""
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ValueError(f"{folder} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+    return files
 
+
+def folder_batches(files: list, batch_size: int, image_size: Optional[int], start: int = 0,
+                   stop: Optional[int] = None) -> Iterator[np.ndarray]:
+    """uint8 NHWC batches of files[start:stop]; every image must have the first file's size."""
     def load(path: Path) -> np.ndarray:
         image = load_rgb(str(path))
         return np.asarray(center_crop_arr(image, image_size) if image_size is not None else image)
@@ -139,75 +143,185 @@ def folder_batches(folder: Path, batch_size: int, image_size: Optional[int]) -> 
                              f"{first_shape[1]}x{first_shape[0]}; pass --image-size to centre-crop all to one size")
         return array
 
-    def batches() -> Iterator[np.ndarray]:
-        for start in range(0, len(files), batch_size):
-            yield np.stack([load_checked(p) for p in files[start: start + batch_size]])
-    return len(files), batches()
+    chosen = files[start:stop]
+    for offset in range(0, len(chosen), batch_size):
+        yield np.stack([load_checked(p) for p in chosen[offset: offset + batch_size]])
 
 
-def read_npz(path: Path) -> dict:
+def npz_keys(path: Path) -> list:
+    """The arrays an .npz holds, without reading them."""
     try:
         with np.load(path) as data:
-            return {key: data[key] for key in data.files}
-    except (OSError, ValueError) as error:
+            return list(data.files)
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
         raise ValueError(f"cannot read {path} as an .npz file ({error})") from None
 
 
+@contextmanager
+def npz_array_stream(path: Path, key: str = "arr_0"):
+    """(shape, dtype, a stream positioned at the data) of one array of an .npz, read from the zip as
+    it is needed: a batch of a 50,000-image batch file is in memory at a time, not the whole array."""
+    with zipfile.ZipFile(path) as archive, archive.open(f"{key}.npy") as stream:
+        version = np.lib.format.read_magic(stream)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(stream)
+        if fortran_order or dtype.hasobject:
+            raise ValueError(f"{path}: {key} is stored in Fortran order or as objects; save it with np.savez")
+        yield shape, dtype, stream
+
+
+def npz_length(path: Path, key: str = "arr_0") -> int:
+    with npz_array_stream(path, key) as (shape, _, _):
+        return shape[0]
+
+
+def npz_batches(path: Path, batch_size: int, start: int = 0, stop: Optional[int] = None) -> Iterator[np.ndarray]:
+    """Batches of arr_0[start:stop], streamed (the rows before start are read and dropped)."""
+    with npz_array_stream(path) as (shape, dtype, stream):
+        row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        stop = shape[0] if stop is None else min(stop, shape[0])
+        skipped = 0
+        while skipped < start * row:
+            skipped += len(stream.read(min(start * row - skipped, 1 << 24)))
+        for first in range(start, stop, batch_size):
+            count = min(batch_size, stop - first)
+            data = stream.read(count * row)
+            if len(data) != count * row:
+                raise ValueError(f"{path}: arr_0 ends early (row {first + len(data) // row} of {shape[0]})")
+            yield np.frombuffer(data, dtype=dtype).reshape(count, *shape[1:])
+
+
+def read_npz(path: Path, keys: Optional[list] = None) -> dict:
+    try:
+        with np.load(path) as data:
+            return {key: data[key] for key in (keys if keys is not None else data.files)}
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
+        raise ValueError(f"cannot read {path} as an .npz file ({error})") from None
+
+
+CHUNK_IMAGES = 1000  # images per unit of work: what a process takes, caches and resumes
+
+
 def extract(network: InceptionNetwork, source: str, batch_size: int = 50, image_size: Optional[int] = None,
-            progress: bool = True) -> dict:
+            progress: bool = True, rank: int = 0, world_size: int = 1, cache_dir: Optional[Path] = None,
+            chunk_images: int = CHUNK_IMAGES) -> dict:
     """Pool3 features (and logits when the network has them) of an image npz or folder, and their
     'mu' and 'sigma'; an npz that stores mu and sigma (ADM's reference batches, --save-stats) gives
-    those instead of recomputing them, and its images (arr_0) or pool3 only serve precision/recall."""
+    those instead of recomputing them, and its images (arr_0) or pool3 only serve precision/recall.
+    Images are read a batch at a time. Under torchrun every rank takes every world_size-th chunk of
+    CHUNK_IMAGES and the features are gathered (collective: every rank calls it); with cache_dir each
+    finished chunk is kept, so a rerun computes only what is missing."""
     path = Path(source)
+    stored = {}
     if path.is_dir():
-        count, batches = folder_batches(path, batch_size, image_size)
-        return features(network, count, batches, source, progress)
-    if not path.is_file():
+        files = image_files(path)
+        count = len(files)
+
+        def read(start: int, stop: int) -> Iterator[np.ndarray]:
+            return folder_batches(files, batch_size, image_size, start, stop)
+    elif path.is_file():
+        keys = npz_keys(path)
+        if "arr_0" not in keys and not {"mu", "sigma"} <= set(keys):
+            raise ValueError(f"{source} has neither images (arr_0) nor statistics (mu, sigma); keys: {sorted(keys)}")
+        if image_size is not None:
+            raise ValueError(f"--image-size applies to image folders; {source} is an .npz")
+        if {"mu", "sigma"} <= set(keys):  # stored statistics win, as in ADM's evaluator (images still give P/R)
+            stored = check_statistics(read_npz(path, [k for k in keys if k != "arr_0"]), source)
+        count = npz_length(path) if "arr_0" in keys else None
+
+        def read(start: int, stop: int) -> Iterator[np.ndarray]:
+            return npz_batches(path, batch_size, start, stop)
+    else:
         raise ValueError(f"{source}: no such file or folder")
-    data = read_npz(path)
-    if "arr_0" not in data and not {"mu", "sigma"} <= set(data):
-        raise ValueError(f"{source} has neither images (arr_0) nor statistics (mu, sigma); keys: {sorted(data)}")
-    if image_size is not None:
-        raise ValueError(f"--image-size applies to image folders; {source} is an .npz")
-    result = image_features(network, data["arr_0"], batch_size, progress, source) if "arr_0" in data else {}
-    if {"mu", "sigma"} <= set(data):  # stored statistics win, as in ADM's evaluator (images still give P/R)
-        result.update(check_statistics(data, source))
+    result = {}
+    if count is not None:
+        identity = f"{path.name}-{path.stat().st_size}-{path.stat().st_mtime_ns}-{network.name}-{image_size}"
+        result = chunked_features(network, count, read, source, progress, rank, world_size,
+                                  cache_dir, identity.replace("/", "_").replace(" ", "_"), chunk_images)
+    result.update(stored)
+    return result
+
+
+def chunked_features(network: InceptionNetwork, count: int, read, source: str, progress: bool, rank: int,
+                     world_size: int, cache_dir: Optional[Path], identity: str, chunk_images: int) -> dict:
+    """Features of count images, chunk_images at a time: this rank's chunks computed (or read from
+    cache_dir), every rank's gathered in order."""
+    from tqdm import tqdm
+
+    if count < 2:  # checked before the network sees any image
+        raise ValueError(f"{source} holds {count} image(s); FID needs at least 2 for a covariance "
+                         f"(and thousands for a stable one: ADM's reference batches hold 10,000)")
+    starts = list(range(0, count, chunk_images))
+    mine = {}
+    with tqdm(total=count, unit="img", desc=Path(source).name, disable=not progress or rank != 0,
+              file=sys.stderr) as bar:
+        for index, start in enumerate(starts):
+            if index % world_size != rank:
+                continue
+            stop = min(start + chunk_images, count)
+            cached = Path(cache_dir) / f"{identity}-{start:08d}-{stop:08d}.npz" if cache_dir is not None else None
+            if cached is not None and cached.is_file():
+                mine[start] = read_npz(cached)
+            else:
+                mine[start] = batch_features(network, read(start, stop), source)
+                if cached is not None:
+                    cached.parent.mkdir(parents=True, exist_ok=True)
+                    with atomic_write(cached) as handle:
+                        np.savez(handle, **mine[start])
+            bar.update((stop - start) * world_size)
+    if world_size > 1:
+        import torch.distributed as dist
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, mine)
+        mine = {start: part for parts in gathered for start, part in parts.items()}
+    return combine([mine[start] for start in starts])
+
+
+def batch_features(network: InceptionNetwork, batches: Iterator[np.ndarray], source: str) -> dict:
+    """Per-image pool3, logits and spatial features of the batches (those the network gives), with
+    what evaluate.py warns about: the image sizes, and whether every image is one flat colour."""
+    pool3, logits, spatial = [], [], []
+    sizes, flat = set(), True
+    for batch in batches:
+        images = as_uint8_nchw(batch, source)
+        sizes.add(tuple(images.shape[2:]))
+        flat = flat and bool((images.amax(dim=(1, 2, 3)) == images.amin(dim=(1, 2, 3))).all())
+        batch_pool3, batch_logits, batch_spatial = network(images)
+        pool3.append(batch_pool3)
+        if batch_logits is not None:
+            logits.append(batch_logits)
+        if batch_spatial is not None:
+            spatial.append(batch_spatial)
+    part = {"pool3": torch.cat(pool3).numpy(), "image_sizes": np.array(sorted(sizes)), "flat_images": np.array(flat)}
+    if logits:
+        part["logits"] = torch.cat(logits).numpy()
+    if spatial:
+        part["spatial"] = torch.cat(spatial).numpy()
+    return part
+
+
+def combine(parts: list) -> dict:
+    """The parts' features in order, with the statistics of pool3 (mu, sigma) and spatial (mu_s, sigma_s)."""
+    result = {"pool3": np.concatenate([p["pool3"] for p in parts]),
+              "image_sizes": sorted({tuple(size) for p in parts for size in np.asarray(p["image_sizes"]).tolist()}),
+              "flat_images": all(bool(p["flat_images"]) for p in parts)}
+    if all("logits" in p for p in parts):
+        result["logits"] = np.concatenate([p["logits"] for p in parts])
+    result.update(statistics(result["pool3"]))
+    if all("spatial" in p for p in parts):
+        spatial_stats = statistics(np.concatenate([p["spatial"] for p in parts]))
+        result.update(mu_s=spatial_stats["mu"], sigma_s=spatial_stats["sigma"])
     return result
 
 
 def image_features(network: InceptionNetwork, images: np.ndarray, batch_size: int = 50, progress: bool = False,
                    source: str = "images") -> dict:
     """extract() for images already in memory (uint8 NHWC, or NHW grey)."""
-    batches = (images[i: i + batch_size] for i in range(0, len(images), batch_size))
-    return features(network, len(images), batches, source, progress)
-
-
-def features(network: InceptionNetwork, count: int, batches: Iterator[np.ndarray], source: str, progress: bool) -> dict:
-    """Pool3 (and logits) of every batch, with the statistics of the pool3 features."""
-    from tqdm import tqdm
-
-    if count < 2:  # checked before the network sees any image
-        raise ValueError(f"{source} holds {count} image(s); FID needs at least 2 for a covariance "
+    if len(images) < 2:
+        raise ValueError(f"{source} holds {len(images)} image(s); FID needs at least 2 for a covariance "
                          f"(and thousands for a stable one: ADM's reference batches hold 10,000)")
-
-    pool3, logits, spatial = [], [], []
-    with tqdm(total=count, unit="img", desc=Path(source).name, disable=not progress, file=sys.stderr) as bar:
-        for batch in batches:
-            batch_pool3, batch_logits, batch_spatial = network(as_uint8_nchw(batch, source))
-            pool3.append(batch_pool3)
-            if batch_logits is not None:
-                logits.append(batch_logits)
-            if batch_spatial is not None:
-                spatial.append(batch_spatial)
-            bar.update(len(batch))
-    result = {"pool3": torch.cat(pool3).numpy()}
-    if logits:
-        result["logits"] = torch.cat(logits).numpy()
-    result.update(statistics(result["pool3"]))
-    if spatial:
-        spatial_stats = statistics(torch.cat(spatial).numpy())
-        result.update(mu_s=spatial_stats["mu"], sigma_s=spatial_stats["sigma"])
-    return result
+    batches = (images[i: i + batch_size] for i in range(0, len(images), batch_size))
+    return combine([batch_features(network, batches, source)])
 
 
 def check_statistics(data: dict, source: str) -> dict:
@@ -232,26 +346,89 @@ def statistics(pool3: np.ndarray) -> dict:
 
 
 def frechet_distance(first: dict, second: dict) -> float:
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), through the eigenvalues of S1 S2 (torch-fidelity)."""
-    if first["mu"].shape != second["mu"].shape:
-        raise ValueError(f"the two feature sets differ in size: {first['mu'].shape} vs {second['mu'].shape}")
-    stats = [{"mu": s["mu"].astype(np.float64), "sigma": s["sigma"].astype(np.float64)} for s in (first, second)]
-    return fid_statistics_to_metric(*stats, verbose=False)["frechet_inception_distance"]
+    """||mu1 - mu2||^2 + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^(1/2)) in float64, as ADM's evaluator defines it.
+    Tr((S1 S2)^(1/2)) is the sum of the square roots of the eigenvalues of S1^(1/2) S2 S1^(1/2): a
+    symmetric positive semi-definite matrix with the eigenvalues of S1 S2, so the result stays real
+    and finite for near-singular covariances (fewer images than feature dimensions), where scipy's
+    sqrtm of the non-symmetric product (ADM's route) returns NaN or complex values."""
+    if np.shape(first["mu"]) != np.shape(second["mu"]):
+        raise ValueError(f"the two feature sets differ in size: {np.shape(first['mu'])} vs {np.shape(second['mu'])}")
+    mu1, mu2 = np.asarray(first["mu"], np.float64), np.asarray(second["mu"], np.float64)
+    sigma1, sigma2 = np.asarray(first["sigma"], np.float64), np.asarray(second["sigma"], np.float64)
+    root1 = psd_square_root(sigma1)
+    middle = root1 @ sigma2 @ root1
+    eigenvalues = np.linalg.eigvalsh((middle + middle.T) / 2)
+    trace_of_root = np.sqrt(np.clip(eigenvalues, 0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_of_root)
 
 
-def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]:
-    """exp(E KL(p(y|x) || p(y))) over `splits` shuffled chunks: mean and standard deviation."""
-    score = isc_features_to_metric(torch.from_numpy(logits), splits=min(splits, len(logits)))
-    return score["inception_score_mean"], score["inception_score_std"]
+def psd_square_root(matrix: np.ndarray) -> np.ndarray:
+    """The symmetric square root of a covariance (eigenvalues that rounding made negative count as 0)."""
+    eigenvalues, vectors = np.linalg.eigh((matrix + matrix.T) / 2)
+    return (vectors * np.sqrt(np.clip(eigenvalues, 0, None))) @ vectors.T
 
 
-def precision_recall(samples: np.ndarray, reference: np.ndarray, k: int = PRECISION_RECALL_K) -> tuple[float, float]:
-    """Improved precision (samples inside the reference manifold) and recall (the converse), k-NN balls."""
+IS_SPLIT_SIZE = 5000  # ADM's evaluator: consecutive splits of 5,000 samples, averaged
+
+
+def inception_score(logits: np.ndarray, split_size: int = IS_SPLIT_SIZE) -> tuple[float, float]:
+    """ADM's Inception Score: softmax of the 1008 unbiased logits, exp(mean KL(p(y|x) || p(y))) over
+    consecutive splits of split_size (in order, no shuffling; fewer images make one split), averaged.
+    Returns the mean and the standard deviation over the splits (0 for one split)."""
+    logits = np.asarray(logits, np.float64)
+    probabilities = np.exp(logits - logits.max(1, keepdims=True))
+    probabilities /= probabilities.sum(1, keepdims=True)
+    scores = []
+    for start in range(0, len(probabilities), split_size):
+        part = probabilities[start: start + split_size]
+        kl = part * (np.log(part) - np.log(part.mean(0, keepdims=True)))
+        scores.append(np.exp(kl.sum(1).mean()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+DISTANCE_BATCH = 10_000  # ADM's row and column batch of pairwise distances
+
+
+def squared_distances(rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """ADM's pairwise squared Euclidean distances: computed in float16 and kept if all finite, else
+    again in float32 (max(|u|^2 - 2 u.v + |v|^2, 0) either way)."""
+    def compute(u, v):
+        return torch.clamp((u * u).sum(1, keepdim=True) - 2 * u @ v.T + (v * v).sum(1)[None], min=0)
+    half = compute(rows.half(), columns.half())
+    return half.float() if torch.isfinite(half).all() else compute(rows.float(), columns.float())
+
+
+def manifold_radii(features: torch.Tensor, k: int = PRECISION_RECALL_K) -> torch.Tensor:
+    """Each feature's squared distance to its k-th nearest neighbour in the set (itself, at 0, is the
+    0-th), as ADM's manifold estimator computes it, in batches of DISTANCE_BATCH rows."""
+    radii = []
+    for start in range(0, len(features), DISTANCE_BATCH):
+        row = features[start: start + DISTANCE_BATCH]
+        distances = torch.cat([squared_distances(row, features[c: c + DISTANCE_BATCH])
+                               for c in range(0, len(features), DISTANCE_BATCH)], 1)
+        radii.append(torch.kthvalue(distances, k + 1, dim=1).values)
+    return torch.cat(radii)
+
+
+def precision_recall(samples: np.ndarray, reference: np.ndarray, k: int = PRECISION_RECALL_K,
+                     device: torch.device = torch.device("cpu")) -> tuple[float, float]:
+    """Improved precision (the share of samples inside some reference feature's k-NN ball) and recall
+    (the share of reference features inside some sample's ball), with ADM's manifold estimator:
+    squared distances (float16 when finite), radius = distance to the k-th neighbour, inside when <=."""
     if min(len(samples), len(reference)) <= k:
         raise ValueError(f"precision/recall with k={k} needs more than {k} images on each side")
-    score = prc_features_to_metric(torch.from_numpy(samples).float(), torch.from_numpy(reference).float(),
-                                   prc_neighborhood=k, save_cpu_ram=True, verbose=False)
-    return score["precision"], score["recall"]
+    samples = torch.as_tensor(np.asarray(samples), dtype=torch.float32, device=device)
+    reference = torch.as_tensor(np.asarray(reference), dtype=torch.float32, device=device)
+    sample_radii, reference_radii = manifold_radii(samples, k), manifold_radii(reference, k)
+    samples_inside = torch.zeros(len(samples), dtype=torch.bool, device=device)
+    reference_inside = torch.zeros(len(reference), dtype=torch.bool, device=device)
+    for r in range(0, len(reference), DISTANCE_BATCH):
+        for c in range(0, len(samples), DISTANCE_BATCH):
+            distances = squared_distances(reference[r: r + DISTANCE_BATCH], samples[c: c + DISTANCE_BATCH])
+            samples_inside[c: c + DISTANCE_BATCH] |= (distances <= reference_radii[r: r + DISTANCE_BATCH, None]).any(0)
+            reference_inside[r: r + DISTANCE_BATCH] |= (distances <= sample_radii[None, c: c + DISTANCE_BATCH]).any(1)
+    return samples_inside.double().mean().item(), reference_inside.double().mean().item()
 
 
 def evaluate(samples: dict, reference: dict) -> dict:

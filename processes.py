@@ -84,6 +84,16 @@ def rank_zero_decides(rank: int, decide: Callable[[], T]) -> T:
     return outcome[0]
 
 
+def rank_zero_first(rank: int, make: Callable[[], T]) -> T:
+    """make() on rank 0 first, then on the other ranks (what rank 0 downloads, the others find)."""
+    if rank != 0:
+        dist.barrier()
+    made = make()
+    if rank == 0:
+        dist.barrier()
+    return made
+
+
 def forked_rng(device: torch.device):
     """A context in which the global CPU generator (and the device's, on CUDA) can be drawn from
     without the draws showing outside it: for building or running anything besides the trained DiT."""

@@ -3,8 +3,10 @@
 Both are optional installs. Only rank 0 reports. Each record of metrics.jsonl is sent as it is
 written (its numbers, under the same names), and each sample grid as an image.
 """
+import netrc
 import os
 import secrets
+import urllib.parse
 from pathlib import Path
 from typing import Optional
 
@@ -12,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from files import atomic_write
+from processes import first_line
 
 REPORT_TO = ("none", "tensorboard", "wandb")
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
@@ -29,6 +32,20 @@ def require_tracker(report_to: str) -> None:
     except ImportError:  # a ValueError: the scripts print it as one line
         raise ValueError(f"--report-to {report_to} needs the {PACKAGES[report_to]} package: "
                           f"pip install {PACKAGES[report_to]} (or pip install -r requirements-trackers.txt)") from None
+    if report_to == "wandb" and not wandb_can_start():
+        raise ValueError("--report-to wandb: no W&B login here (no WANDB_API_KEY, no `wandb login` entry in ~/.netrc); "
+                         "log in, or set WANDB_MODE=offline to log locally and upload later with `wandb sync`")
+
+
+def wandb_can_start() -> bool:
+    """Offline or disabled runs need no account; online ones a key in the environment or ~/.netrc."""
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun") or os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urllib.parse.urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def numbers(record: dict) -> dict:
@@ -77,8 +94,13 @@ class WandB:
             with atomic_write(id_file) as handle:
                 handle.write(f"{run_id}\n".encode())
         self.wandb = wandb
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "DiT"), name=experiment_dir.name, id=run_id,
-                              resume="allow", dir=str(experiment_dir), config=vars(args))
+        try:
+            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "DiT"), name=experiment_dir.name, id=run_id,
+                                  resume="allow", dir=str(experiment_dir), config=vars(args))
+        except Exception as error:  # no network, a refused key: one line, not the client's traceback
+            raise OSError(f"--report-to wandb: W&B could not start the run ({type(error).__name__}: "
+                          f"{first_line(error)}); set WANDB_MODE=offline to log locally and upload later with "
+                          f"`wandb sync`") from None
         self.run.define_metric("step")
         self.run.define_metric("*", step_metric="step")
 

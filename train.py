@@ -46,6 +46,7 @@ from processes import (
     distributed,
     forked_rng,
     rank_zero_decides,
+    rank_zero_first,
     require_positive,
     run_cli,
 )
@@ -272,7 +273,7 @@ def load_data(args: argparse.Namespace, rank: int, world_size: int, device: torc
         dataset = LatentFeatures(args.feature_path)
         dataset.check_matches(args.image_size, args.num_classes)
         args.vae = dataset.meta["vae"]  # the VAE that made the latents: recorded in checkpoints, used by grids
-        vae = load_vae(args.vae, device) if args.sample_every else None  # only sample grids decode
+        vae = dataset.load_vae(device) if args.sample_every else None  # only sample grids decode
         data = Data(dataset, vae, dataset.scale, dataset.channels, dataset.latent_size)
     else:
         dataset = image_folder(args.data_path, args.image_size)
@@ -684,11 +685,7 @@ class FidMonitor:
 
     def __init__(self, args: argparse.Namespace, rank: int, device: torch.device):
         self.sampler = Sampler(args.fid_sampler, args.fid_steps, flag="--fid-steps")
-        if rank != 0:
-            dist.barrier()
-        self.network = InceptionNetwork(args.inception, device)
-        if rank == 0:
-            dist.barrier()
+        self.network = rank_zero_first(rank, lambda: InceptionNetwork(args.inception, device))
         # Statistics (evaluate.py --save-stats, ADM's batches) or images, whose statistics are computed here.
         self.reference = extract(self.network, args.fid_ref, progress=False)
 

@@ -182,6 +182,11 @@ def load_model_for_sampling(args, device: torch.device, default_vae: str, with_v
         state_dict = load_state_dict(Path(ckpt)) if checkpoint is None else weights_in(checkpoint, ckpt, args.weights)
         del checkpoint  # the optimizer state of a training checkpoint need not stay in memory
     config["block"] = config["block"] or block_design(state_dict)
+    embedder = state_dict.get("x_embedder.proj.weight")
+    if embedder is not None and embedder.shape[1] != channels:  # before the shapes fail somewhere less clear
+        needs = "pixels: --vae none" if embedder.shape[1] == 3 else f"{embedder.shape[1]}-channel latents of a VAE"
+        raise ValueError(f"--vae {config['vae']} gives the model {channels}-channel inputs, but the weights in {ckpt} "
+                         f"take {embedder.shape[1]} channels ({needs})")
     model = build_model(config, channels, latent_size, device)
     load_weights(model, state_dict, ckpt)
     model.eval()

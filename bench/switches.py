@@ -19,9 +19,9 @@ import sys
 from contextlib import nullcontext
 
 import torch
-from model_speed import build, training_step
 
 from bench.harness import ROOT, current_memory_mb, machine, markdown, peak_memory_mb, reset_peak_memory, spread, timed
+from bench.model_speed import build, training_step
 
 SWITCHES = ["eager fp32", "sdpa math", "compile", "bf16 autocast", "fp16 autocast", "grad checkpointing"]
 

@@ -72,3 +72,51 @@ def test_bad_inputs_are_one_line_errors(tmp_path, sets, case, message):
         assert result.stderr.strip().startswith("evaluate.py: error:") and len(result.stderr.strip().splitlines()) == 1
     with pytest.raises(ValueError, match=re.escape(message)):
         run_main("evaluate.py", inputs, sets["half_b"], "--inception", network)
+
+
+def test_save_stats_never_replaces_an_input(tmp_path, sets):
+    """evaluate.py s.npz --save-stats s.npz (or onto the reference) would replace images by statistics."""
+    samples = tmp_path / "s.npz"
+    samples.write_bytes(sets["half_a"].read_bytes())
+    before = samples.read_bytes()
+    for argv in ([samples, "--save-stats", samples], [sets["half_b"], samples, "--save-stats", samples]):
+        with pytest.raises(ValueError, match=f"--save-stats {re.escape(str(samples))} is an input of this command"):
+            run_main("evaluate.py", *argv, "--inception", fid_network_path())
+    assert samples.read_bytes() == before
+
+
+def test_sets_of_other_sizes_and_flat_images_are_warned_about(network):
+    import evaluate
+    flat = metrics.image_features(network, np.zeros((3, 16, 16), np.uint8))
+    varied = metrics.image_features(network, np.random.default_rng(0).integers(0, 256, (3, 32, 32), dtype=np.uint8))
+    assert flat["image_sizes"] == [(16, 16)] and flat["flat_images"] and not varied["flat_images"]
+    warnings = evaluate.warnings("a.npz", flat, "b.npz", varied)
+    assert "every image of a.npz is one flat colour: check the sampler and the VAE decoder" in warnings
+    assert ("a.npz holds 16x16 images, b.npz 32x32: both are resized to 299x299, so FID also counts the difference "
+            "in resolution; compare sets of one size") in warnings
+    assert evaluate.warnings("a.npz", varied, "b.npz", dict(varied, pool3=np.zeros((2048, 1)))) == [
+        "a.npz holds 3 images; FID from fewer than 2,048 is biased upwards and not comparable with published "
+        "figures (50,000 samples)"]
+
+
+@pytest.mark.slow  # three evaluate.py processes over the same digits: about 40 s on 2 cores
+def test_two_processes_extract_what_one_does_and_a_rerun_resumes_per_chunk(tmp_path, sets):
+    """torchrun evaluate.py: each rank takes every other chunk of --chunk-images, the features are
+    gathered in order; with --cache-dir a finished chunk is kept, so a rerun computes only the rest."""
+    np.savez(tmp_path / "digits.npz", arr_0=np.load(sets["half_a"])["arr_0"][:20])
+    common = [tmp_path / "digits.npz", "--inception", fid_network_path(), "--chunk-images", "5", "--batch-size", "5",
+              "--device", "cpu"]
+    run_script("evaluate.py", *common, "--save-stats", tmp_path / "two.npz", nproc=2)
+    cache = tmp_path / "cache"
+    # One thread, as each of the two processes: the same arithmetic for every image, so the same bits.
+    run_script("evaluate.py", *common, "--save-stats", tmp_path / "one.npz", "--cache-dir", cache)
+    one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
+    for key in ("pool3", "mu", "sigma", "mu_s", "sigma_s"):
+        assert np.array_equal(one[key], two[key]), key
+    chunks = sorted(cache.iterdir())
+    assert len(chunks) == 4
+    chunks[2].unlink()
+    kept = {path: path.stat().st_mtime_ns for path in chunks if path.exists()}
+    run_script("evaluate.py", *common, "--save-stats", tmp_path / "again.npz", "--cache-dir", cache)
+    assert chunks[2].is_file() and all(path.stat().st_mtime_ns == mtime for path, mtime in kept.items())
+    assert np.array_equal(np.load(tmp_path / "again.npz")["sigma"], one["sigma"])

@@ -35,3 +35,22 @@ def test_images_of_every_mode_become_the_rgb_they_show(tmp_path):
     Image.new("F", (2, 2)).save(tmp_path / "float.tif")
     with pytest.raises(ValueError, match="mode F"):  # no fixed range to scale from
         load_rgb(str(tmp_path / "float.tif"))
+
+
+def test_symbolic_link_loops_and_links_across_classes_are_refused(tmp_path):
+    """`ln -s .. data/c0/loop` made 16 images 7,216 and labelled one class's images as the other's."""
+    from helpers import make_image_folder
+
+    from images import image_folder
+    data = make_image_folder(tmp_path / "data")
+    outside = make_image_folder(tmp_path / "elsewhere", classes=1) / "class_0"
+    (data / "class_2").symlink_to(outside)  # a class folder that is a link: fine
+    assert len(image_folder(str(data), 16)) == 24
+    (data / "class_0" / "loop").symlink_to("..")
+    with pytest.raises(ValueError, match=r"class_0/loop links to .*data, a folder read already \(a loop"):
+        image_folder(str(data), 16)
+    (data / "class_0" / "loop").unlink()
+    (data / "class_0" / "other").symlink_to(data / "class_1")
+    with pytest.raises(ValueError, match="class_0/other links to .*class_1, outside its class folder class_0; its "
+                                         "images would be labelled class_0"):
+        image_folder(str(data), 16)

