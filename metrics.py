@@ -188,7 +188,7 @@ def npz_batches(path: Path, batch_size: int, start: int = 0, stop: Optional[int]
             data = stream.read(count * row)
             if len(data) != count * row:
                 raise ValueError(f"{path}: arr_0 ends early (row {first + len(data) // row} of {shape[0]})")
-            yield np.frombuffer(data, dtype=dtype).reshape(count, *shape[1:])
+            yield np.frombuffer(bytearray(data), dtype=dtype).reshape(count, *shape[1:])
 
 
 def read_npz(path: Path, keys: Optional[list] = None) -> dict:

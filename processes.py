@@ -1,5 +1,6 @@
 """Processes and the command line: devices, the DDP world, generators, logging, one-line errors."""
 import argparse
+import ctypes
 import logging
 import os
 import sys
@@ -92,6 +93,17 @@ def rank_zero_first(rank: int, make: Callable[[], T]) -> T:
     if rank == 0:
         dist.barrier()
     return made
+
+
+def keep_memory_flat() -> None:
+    """glibc raises its mmap threshold as large blocks are freed, after which batch-sized buffers come
+    from the heap and their pages are kept: the peak creeps up batch after batch (measured: +426 MB
+    from 24 to 240 images of 512px in evaluate.py). A fixed threshold (glibc's initial 128 KiB) hands
+    every large block back when it is freed. A no-op where the C library is not glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def forked_rng(device: torch.device):

@@ -36,7 +36,8 @@ def main(args: argparse.Namespace) -> Path:
 
     noise = torch.randn(len(labels), model.in_channels, model.input_size, model.input_size, device=device)
     samples = generate(model, sampler, noise, torch.tensor(labels, device=device), args.cfg_scale, guided=True,
-                       interval=guidance_interval(args), progress=True, pixels=vae is None)
+                       interval=guidance_interval(args), progress=True, pixels=vae is None,
+                       guide_all_channels=args.cfg_channels == "all")
     output = save_image_grid(decode(vae, samples), args.output, nrow=args.nrow)
     print(f"Saved {len(labels)} samples to {output}")
     return output

@@ -58,17 +58,19 @@ class Sampler:
 @torch.no_grad()
 def generate(model, sampler: Sampler, noise: torch.Tensor, labels: torch.Tensor, cfg_scale: float,
              guided: Optional[bool] = None, interval: Optional[tuple[float, float]] = None,
-             progress: bool = False, pixels: bool = False) -> torch.Tensor:
+             progress: bool = False, pixels: bool = False, guide_all_channels: bool = False) -> torch.Tensor:
     """Samples (latents, or pixels in [-1, 1] for a pixel-space model) for these noises and labels:
     the sequence of the official scripts. Guided by default when cfg_scale > 1 (as sample_ddp.py
     decides; sample.py always guides): the batch is doubled with the null class (model.num_classes),
-    model.forward_with_cfg combines the halves, with an interval only at the timesteps inside it,
-    and the conditional half is returned. Otherwise plain model.forward."""
+    model.forward_with_cfg combines the halves (on the first 3 channels, as the official code, or on
+    all of them), with an interval only at the timesteps inside it, and the conditional half is
+    returned. Otherwise plain model.forward."""
     if guided if guided is not None else cfg_scale > 1.0:
         x = torch.cat([noise, noise], 0)
         y = torch.cat([labels, torch.full_like(labels, model.num_classes)], 0)
         model_fn = model.forward_with_cfg if interval is None else guided_in_interval(model, *interval)
-        return sampler.run(model_fn, x, dict(y=y, cfg_scale=cfg_scale), progress, pixels)[: len(noise)]
+        kwargs = dict(y=y, cfg_scale=cfg_scale, guide_all_channels=guide_all_channels)
+        return sampler.run(model_fn, x, kwargs, progress, pixels)[: len(noise)]
     return sampler.run(model.forward, noise, dict(y=labels), progress, pixels)
 
 
@@ -76,9 +78,10 @@ def guided_in_interval(model, low: float, high: float):
     """forward_with_cfg at timesteps t with low <= t/1000 <= high; elsewhere one unguided forward of
     the conditional half, copied to both halves (half the work). Guidance at the noisiest steps
     mostly narrows the variety of samples; there a plain forward is enough (Kynkaanniemi et al. 2024)."""
-    def model_fn(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+    def model_fn(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,
+                 guide_all_channels: bool = False) -> torch.Tensor:
         if low <= float(t[0]) / 1000 <= high:  # every sampler calls the model with one timestep per batch
-            return model.forward_with_cfg(x, t, y, cfg_scale)
+            return model.forward_with_cfg(x, t, y, cfg_scale, guide_all_channels)
         half = len(x) // 2
         out = model.forward(x[:half], t[:half], y[:half])
         return torch.cat([out, out], 0)
@@ -95,7 +98,8 @@ class NoNetwork:
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, **kwargs) -> torch.Tensor:
         return torch.zeros(x.shape[0], self.out_channels, *x.shape[2:], device=x.device)
 
-    def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+    def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,
+                         guide_all_channels: bool = False) -> torch.Tensor:
         return self.forward(x, t, y)
 
 
@@ -173,6 +177,9 @@ def add_sampler_flags(parser: argparse.ArgumentParser, cfg_scale: float) -> None
     group.add_argument("--num-sampling-steps", type=int, default=250)
     group.add_argument("--cfg-scale", type=float, default=cfg_scale)
     group.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0: deterministic); ddim only")
+    group.add_argument("--cfg-channels", choices=["3", "all"], default="3",
+                       help="guide the first 3 latent channels (the official code, behind the paper's FIDs) or all "
+                            "4, as diffusers' DiTPipeline (scale 1.375 on all is close to 1.5 on three)")
     interval = group.add_mutually_exclusive_group()
     interval.add_argument("--cfg-interval", type=float, nargs=2, metavar=("LO", "HI"), default=None,
                           help="guide only at timesteps t with LO <= t/1000 <= HI (t/1000 = 1: pure noise), "

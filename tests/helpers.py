@@ -78,11 +78,16 @@ class LoopbackServer:
 
     def __init__(self):
         self.routes = {}
-        routes = self.routes
+        self.ranges = []  # the Range header of every request (None when absent)
+        routes, ranges = self.routes, self.ranges
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
                 status, body, length = routes.get(self.path, (404, b"not found", None))
+                asked = self.headers.get("Range", "")
+                ranges.append(asked or None)
+                if asked.startswith("bytes=") and status == 200 and length is None:  # a resumed download
+                    status, body = 206, body[int(asked[6:].split("-")[0]):]
                 self.send_response(status)
                 self.send_header("Content-Length", str(length if length is not None else len(body)))
                 self.end_headers()

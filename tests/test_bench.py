@@ -6,6 +6,8 @@ from helpers import run_script
 @pytest.mark.parametrize("script, heading", [
     ("bench.peak", "| shape | dtype | GFLOP/s | vs fp32 |"),
     ("bench.model_speed", "| model | pass | batch | seconds | images/s | GFLOP/s | of peak |"),
+    pytest.param("bench.evaluate_memory", "| images | uint8 pixels MB | peak RSS MB | growth MB |",
+                 marks=pytest.mark.slow),
     # These three time torch.compile or a VAE: minutes on a small CPU, so make test-all runs them.
     pytest.param("bench.switches",
                  "| switch | step seconds | speed vs eager fp32 | step memory MB | memory vs eager fp32 |",

@@ -81,7 +81,18 @@ def test_scaling_experiment_smoke(tmp_path):
     assert cells[0]["gflops"] < cells[2]["gflops"] and cells[1]["gflops"] < cells[3]["gflops"]
     assert all(c["compute"] == pytest.approx(c["gflops"] * 8 * 1 * 3) for c in cells)
     assert all([step for step, _ in c["curve"]] == [1] for c in cells)  # --fid-every: a third of the run, at least 1
-    assert all(math.isfinite(c["fid"]) and c["fid"] > 0 and math.isfinite(c["loss"]) for c in cells)
+    # The final FID is that of the cell's EMA samples: redraw the first cell's and score them here.
+    from experiments.digits import draw, fid_network, final_checkpoint, load_digit_model
+    from images import to_uint8_images
+    from metrics import extract, frechet_distance, image_features
+    checkpoint = final_checkpoint(next((tmp_path / "out" / "runs" / "DiT-Pico-8").iterdir()))
+    images, _ = draw(load_digit_model(checkpoint), scaling.SAMPLER, scaling.SAMPLER_STEPS, None, 1.0,
+                     torch.arange(10) % 10, batch_size=500, seed=0)
+    network = fid_network()
+    reference = extract(network, str(tmp_path / "out" / "fid_reference_16px_10.npz"), progress=False)
+    expected = frechet_distance(image_features(network, to_uint8_images(images)), reference)
+    assert cells[0]["fid"] == pytest.approx(expected, rel=1e-6)
+    assert all(math.isfinite(c["loss"]) for c in cells)
     stored = json.loads((tmp_path / "out" / "scaling.json").read_text())
     assert stored["summary"] == result["summary"] and math.isfinite(result["summary"]["r_fid_log_gflops"])
     assert all(path.stat().st_size > 0 for path in result["plots"]) and len(result["plots"]) == 3

@@ -152,3 +152,18 @@ def test_a_vae_the_weights_cannot_take_is_named(tmp_path, image_folder_path):
                                          r"channels \(pixels: --vae none\)"):
         run_main("sample.py", "--ckpt", checkpoint, "--vae", "mse", "--image-size", "32", "--device", DEVICE,
                  "--output", tmp_path / "x.png")
+
+
+def test_cfg_channels_all_guides_the_fourth_latent_channel_too(tmp_path, trained_checkpoint, monkeypatch):
+    """--cfg-channels 3 is the official guidance (first three of four latent channels); all guides every
+    channel, as diffusers' DiTPipeline does."""
+    import sample
+    captured = []
+    monkeypatch.setattr(sample, "decode", lambda vae, latents: captured.append(latents.clone()) or latents[:, :3])
+    monkeypatch.setattr(sample, "save_image_grid", lambda images, path, nrow: Path(path))
+    common = ["--ckpt", trained_checkpoint, "--class-labels", "0", "1", "--num-sampling-steps", "3", "--device",
+              DEVICE, "--output", tmp_path / "x.png", "--sampler", "ddim"]
+    for channels in ("3", "all"):
+        run_main("sample.py", *common, "--cfg-channels", channels)
+    three, every = captured
+    assert not torch.equal(three, every)

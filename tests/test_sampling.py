@@ -51,13 +51,16 @@ def test_generate_doubles_the_batch_with_the_null_class_only_when_guided():
             calls.append(("forward", len(x), y.tolist()))
             return super().forward(x, t, y)
 
-        def forward_with_cfg(self, x, t, y, cfg_scale):
-            calls.append(("forward_with_cfg", len(x), y.tolist()))
+        def forward_with_cfg(self, x, t, y, cfg_scale, guide_all_channels):
+            calls.append(("forward_with_cfg", len(x), y.tolist(), guide_all_channels))
             return super().forward(x, t, y)
 
     noise, labels = torch.randn(2, 4, 8, 8), torch.tensor([0, 2])
     out = generate(Recorder(num_classes=3, out_channels=8), Sampler("ddim", 2), noise, labels, 4.0)
-    assert out.shape == noise.shape and calls == [("forward_with_cfg", 4, [0, 2, 3, 3])] * 2
+    assert out.shape == noise.shape and calls == [("forward_with_cfg", 4, [0, 2, 3, 3], False)] * 2
+    calls.clear()
+    generate(Recorder(num_classes=3, out_channels=8), Sampler("ddim", 2), noise, labels, 4.0, guide_all_channels=True)
+    assert calls == [("forward_with_cfg", 4, [0, 2, 3, 3], True)] * 2
     calls.clear()
     generate(Recorder(num_classes=3, out_channels=8), Sampler("ddim", 2), noise, labels, 1.0)
     assert calls == [("forward", 2, [0, 2])] * 2

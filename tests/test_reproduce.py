@@ -1,0 +1,69 @@
+"""reproduce.py: the published rows, and the whole chain offline at tiny scale (a loopback server for
+the reference batch, a tiny checkpoint, a reference made by evaluate.py --save-stats)."""
+import json
+
+import numpy as np
+import pytest
+from helpers import LoopbackServer, fid_network_path, run_main
+
+import download
+
+
+def test_list_shows_every_row_with_its_settings_and_published_values(capsys):
+    run_main("reproduce.py", "--list")
+    table = capsys.readouterr().out
+    assert "| XL/2-256-cfg1.5 | DiT-XL/2 | 256 | 250 DDPM | 1.5 | mse | 2.27 | 4.6 | 278.24 | 0.83 | 0.57 |" in table
+    assert "official README: FID 2.21 for the PyTorch weights at fp32" in table
+    assert "| XL/2-256 | DiT-XL/2 | 256 | 250 DDPM | 1.0 | mse | 9.62 |" in table
+    assert "| XL/2-512-cfg1.5 | DiT-XL/2 | 512 | 250 DDPM | 1.5 | mse | 3.04 | 5.02 | 240.82 |" in table
+    with pytest.raises(ValueError, match="--row 'XL/2-1024' is not a published row"):
+        run_main("reproduce.py", "--row", "XL/2-1024")
+
+
+def test_the_chain_runs_offline_and_reports_measured_against_published(tmp_path, trained_checkpoint, tiny_vae_path):
+    real = np.random.default_rng(0).integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
+    np.savez(tmp_path / "real.npz", arr_0=real)
+    run_main("evaluate.py", tmp_path / "real.npz", "--save-stats", tmp_path / "ref.npz", "--inception",
+             fid_network_path())
+    server = LoopbackServer()
+    try:
+        server.routes["/models/VIRTUAL_tiny.npz"] = (200, (tmp_path / "ref.npz").read_bytes(), None)
+        report = run_main("reproduce.py", "--row", "XL/2-256-cfg1.5", "--ckpt", trained_checkpoint, "--vae",
+                          tiny_vae_path, "--ref-batch", f"{server.url}/VIRTUAL_tiny.npz", "--inception",
+                          fid_network_path(), "--num-fid-samples", "6", "--per-proc-batch-size", "3",
+                          "--work-dir", tmp_path / "work", "--device", "cpu")
+    finally:
+        server.close()
+    work = tmp_path / "work"
+    assert (work / "VIRTUAL_tiny.npz").read_bytes() == (tmp_path / "ref.npz").read_bytes()
+    rows = {line["metric"]: line for line in report["comparison"]}
+    assert set(rows) == {"fid", "sfid", "inception_score", "precision", "recall"}
+    measured = json.loads(next(work.glob("*-metrics.json")).read_text())
+    assert rows["fid"]["measured"] == round(measured["fid"], 4) and rows["fid"]["published"] == 2.27
+    assert rows["fid"]["within"] is False  # a 3-step toy model is not DiT-XL/2
+    assert rows["inception_score"]["measured"] is None  # the TorchScript FID network has no logits
+    assert report["settings"]["samples"] == 6 and "--cfg-scale" in report["settings"]["sample_flags"]
+    assert "| fid |" in (work / "report.md").read_text()
+    assert json.loads((work / "report.json").read_text())["settings"]["reference_sha256"] == \
+        __import__("hashlib").sha256((tmp_path / "ref.npz").read_bytes()).hexdigest()
+
+
+def test_a_cut_reference_download_resumes_and_is_checked(tmp_path):
+    body = np.random.default_rng(1).bytes(3_000_000)
+    server = LoopbackServer()
+    try:
+        server.routes["/models/ref.npz"] = (200, body[:1_000_000], len(body))  # the connection drops
+        with pytest.raises(download.DownloadError, match="ended after 1000000 of 3000000 bytes"):
+            download.download_file(f"{server.url}/ref.npz", tmp_path / "ref.npz")
+        assert not (tmp_path / "ref.npz").exists() and (tmp_path / ".ref.npz.part").stat().st_size == 1_000_000
+        server.routes["/models/ref.npz"] = (200, body, None)
+        import hashlib
+        path = download.download_file(f"{server.url}/ref.npz", tmp_path / "ref.npz",
+                                      sha256=hashlib.sha256(body).hexdigest())
+        assert server.ranges == [None, "bytes=1000000-"]  # the rerun asked for the rest only
+        with pytest.raises(download.DownloadError, match="does not have the expected SHA-256"):
+            download.download_file(f"{server.url}/ref.npz", tmp_path / "other.npz", sha256="0" * 64)
+        assert not list(tmp_path.glob("*other*")) and not list(tmp_path.glob(".other*"))
+    finally:
+        server.close()
+    assert path.read_bytes() == body
