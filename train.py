@@ -9,8 +9,6 @@ train() reads as the official main(): set-up, then the loop under the same secti
 rest of the file is the pieces it calls, in the order it calls them.
 """
 import argparse
-import errno
-import fcntl
 import json
 import math
 import random
@@ -22,7 +20,6 @@ from contextlib import ExitStack, contextmanager, nullcontext
 from copy import deepcopy
 from dataclasses import dataclass, field
 from datetime import timedelta
-from glob import glob
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -32,7 +29,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
-from checkpoints import DamagedCheckpoint, read_checkpoint
+from checkpoints import read_checkpoint
 from diffusion import create_diffusion
 from files import atomic_torch_save, atomic_write, format_bytes, remove_stale_temporaries
 from images import image_folder, save_image_grid, to_uint8_images, unreadable_images
@@ -50,6 +47,7 @@ from processes import (
     require_positive,
     run_cli,
 )
+from runs import claim_experiment, prune_checkpoints, resume_point, rng_state, set_rng_state
 from sampling import SAMPLERS, Sampler, check_guidance, generate
 from tracking import REPORT_TO, open_tracker, require_tracker
 from weights import load_init_weights, load_weights
@@ -518,39 +516,6 @@ def save_checkpoint(state: TrainState, args: argparse.Namespace, out: Outputs, r
     return path
 
 
-def prune_checkpoints(folder: Path, keep_last: int, keep_every: Optional[int], keep: Optional[Path]) -> list:
-    """Delete all but the newest keep_last checkpoints, those of every keep_every-th step and `keep`
-    (the one the run resumed from). Called only after a newer checkpoint is completely written."""
-    checkpoints = sorted(folder.glob("*.pt"))  # zero-padded step numbers sort by step
-    kept = set(checkpoints[-keep_last:])
-    kept |= {c for c in checkpoints if keep_every and c.stem.isdigit() and int(c.stem) % keep_every == 0}
-    removed = [c for c in checkpoints if c not in kept and (keep is None or c.resolve() != Path(keep).resolve())]
-    for checkpoint in removed:
-        checkpoint.unlink()
-    return removed
-
-
-def rng_state(device: torch.device) -> dict:
-    """Every generator a training step draws from, as plain tensors and lists (weights_only-safe)."""
-    numpy_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
-        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-    }
-
-
-def set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and state["cuda"] is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-
-
 @torch.no_grad()
 def check_ranks_agree(models: dict, step: int) -> None:
     """Raise unless every named model holds the same weights on every rank.
@@ -739,131 +704,6 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-# ---- resuming and the experiment folder -----------------------------------------------------------
-
-# Flags a resumed run may change (each change is logged): how long it runs, and how often and how
-# it logs, saves, samples and evaluates. The FIXED ones define the model and its inputs; any other
-# change needs --allow-changed-args. The ones in NOT_COMPARED say where and how to resume.
-FREE_TO_CHANGE = {"max_steps", "epochs", "log_every", "ckpt_every", "keep_last", "keep_every", "num_workers",
-                  "sample_every", "sample_steps", "sample_cfg_scale", "sample_grid_size", "fid_every", "fid_ref",
-                  "fid_samples", "fid_sampler", "fid_steps", "fid_cfg_scale", "inception", "report_to"}
-FIXED = ("model", "block", "image_size", "num_classes", "vae", "feature_path", "init_from")
-NOT_COMPARED = {"resume", "results_dir", "allow_changed_args", "check_data"}
-
-
-def changed_args(saved: dict, args: argparse.Namespace) -> tuple[list, list, list]:
-    """(fixed, free, other) flags whose value differs from the saved run's, as '--flag old -> new'.
-    Flags the checkpoint does not record (an older version) are not compared; with --feature-path
-    the latents decide the VAE."""
-    current = vars(args)
-    ignored = NOT_COMPARED | ({"vae"} if current.get("feature_path") is not None else set())
-    fixed, free, other = [], [], []
-    for key in sorted(saved.keys() & current.keys() - ignored):
-        if saved[key] != current[key]:
-            change = f"--{key.replace('_', '-')} {saved[key]} -> {current[key]}"
-            (fixed if key in FIXED else free if key in FREE_TO_CHANGE else other).append(change)
-    return fixed, free, other
-
-
-def resume_point(args: argparse.Namespace) -> tuple[Optional[Path], Optional[dict], list]:
-    """(checkpoint path, its contents, lines for the log) for --resume, or (None, None, []) to start
-    afresh. 'auto' takes the newest experiment of this model that has checkpoints and its newest
-    readable checkpoint: an unreadable one is moved aside as NAME.corrupt and the one before it is
-    tried. The saved flags are compared with these (changed_args). Runs on rank 0 only."""
-    if args.resume is None:
-        return None, None, []
-    notes = []
-    if args.resume == "auto":
-        suffix = "-" + args.model.replace("/", "-")
-        folders = [f for f in sorted(Path(args.results_dir).glob(f"*{suffix}"), reverse=True)
-                   if any((f / "checkpoints").glob("*.pt"))]
-        if not folders:
-            return None, None, [f"--resume auto: no checkpoint of {args.model} in {args.results_dir}; starting afresh"]
-        path = checkpoint = None
-        for candidate in sorted((folders[0] / "checkpoints").glob("*.pt"), reverse=True):
-            try:
-                checkpoint, path = read_checkpoint(candidate), candidate
-                break
-            except DamagedCheckpoint as error:  # truncated, overwritten, not a checkpoint at all (an I/O error
-                # or a refused global is raised as it is: the file may be fine, so it is never moved)
-                aside = candidate.with_name(candidate.name + ".corrupt")
-                candidate.rename(aside)
-                notes.append(f"{error}; moved it aside to {aside.name}, trying the checkpoint before it")
-        if path is None:
-            raise ValueError(f"--resume auto: no checkpoint in {folders[0] / 'checkpoints'} can be read "
-                             f"({'; '.join(notes)})")
-    else:
-        path = Path(args.resume)
-        if not path.is_file():
-            raise ValueError(f"--resume {args.resume}: no such checkpoint file")
-        checkpoint = read_checkpoint(path)  # a damaged or foreign file is a ValueError naming it
-    check_resumable(checkpoint, path)
-    fixed, free, other = changed_args(checkpoint["args"], args)
-    if fixed:
-        raise ValueError(f"--resume {path}: the run was started with other values of flags that define the model, "
-                         f"its data or its start ({'; '.join(fixed)}); start a new run for these (another "
-                         f"--results-dir, or without --resume)")
-    if other and not args.allow_changed_args:
-        raise ValueError(f"--resume {path}: flags differ from the run's ({'; '.join(other)}); pass the run's values, "
-                         f"or --allow-changed-args to continue it with the new ones")
-    if free or other:
-        notes.append(f"Continuing with changed flags: {'; '.join(free + other)}")
-    return path, checkpoint, notes
-
-
-def check_resumable(checkpoint, path: Path) -> None:
-    """Only a checkpoint of this train.py holds what an exact resume needs."""
-    if not isinstance(checkpoint, dict) or "train_steps" not in checkpoint or "rng" not in checkpoint:
-        official = isinstance(checkpoint, dict) and "opt" in checkpoint
-        kind = "an official train.py checkpoint" if official else "not a checkpoint of this train.py"
-        raise ValueError(f"--resume {path}: {kind}; it holds no step counter or RNG state, so it cannot "
-                         f"be resumed exactly (sample from it with sample.py --ckpt, or start a new run)")
-
-
-def claim_experiment(args: argparse.Namespace, resumed: Optional[Path], scope: ExitStack) -> tuple[Path, list]:
-    """(the folder this run writes into, lines for the log), locked until the run ends (rank 0).
-    A resumed run continues its checkpoint's experiment; a new one reuses the newest folder of its
-    model if that run died before its first checkpoint, else takes the next number."""
-    if resumed is not None and resumed.parent.name == "checkpoints":
-        folder = resumed.parent.parent
-        if not lock_experiment(folder, scope):
-            raise ValueError(f"--resume: {folder} is in use by another run that is still alive (it holds "
-                             f"{folder / '.lock'}); stop that run first")
-        return folder, []
-    root = Path(args.results_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    suffix = "-" + args.model.replace("/", "-")
-    newest = max(root.glob(f"*{suffix}"), default=None)
-    if newest is not None and not any(not p.name.startswith(".") for p in (newest / "checkpoints").glob("*")) \
-            and lock_experiment(newest, scope):
-        return newest, [f"Reusing {newest}: the run that made it stopped before writing a checkpoint"]
-    # The official numbering; a taken number (a folder was deleted, or a run starting beside this one
-    # took it) moves on to the next.
-    index = len(glob(f"{root}/*"))
-    while True:
-        folder = root / f"{index:03d}{suffix}"
-        index += 1
-        try:
-            folder.mkdir()
-        except FileExistsError:
-            continue
-        if lock_experiment(folder, scope):
-            return folder, []
-
-
-def lock_experiment(folder: Path, scope: ExitStack) -> bool:
-    """Hold an exclusive lock on folder/.lock for as long as `scope` lasts; False if a live process
-    holds it. The OS drops the lock when its holder dies, kill -9 included. On a file system
-    without locks the folder is taken unlocked."""
-    handle = scope.enter_context(open(folder / ".lock", "a"))
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as error:
-        if error.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-            return False
-    return True
 
 
 def check_image_files(paths: list, decode: bool, rank: int, world_size: int) -> None:

@@ -28,6 +28,7 @@ from experiments.digits import (
     accuracy,
     add_recipe_flags,
     as_model_input,
+    digit_distance,
     draw,
     fid_network,
     fid_reference,
@@ -69,13 +70,21 @@ def main() -> None:
                     "--nrow", "10", "--num-sampling-steps", str(args.sample_steps), "--cfg-scale", str(args.cfg_scale),
                     "--output", str(grid_path), "--device", "cpu"], check=True)
     sample_labels = torch.arange(10).repeat_interleave(args.per_class)
-    samples, sample_seconds = draw(load_digit_model(checkpoint), "ddpm", args.sample_steps, None, args.cfg_scale,
-                                   sample_labels, batch_size=len(sample_labels), seed=0)
+    model = load_digit_model(checkpoint)
+    samples, sample_seconds = draw(model, "ddpm", args.sample_steps, None, args.cfg_scale, sample_labels,
+                                   batch_size=len(sample_labels), seed=0)
+    unguided, _ = draw(model, "ddpm", args.sample_steps, None, 1.0, sample_labels, batch_size=len(sample_labels),
+                       seed=0)
 
     real, targets, train_part, held_out = real_digits(args.image_size)
     classifier = train_classifier(as_model_input(real[train_part]), targets[train_part])
     real_accuracy = accuracy(classifier, as_model_input(real[held_out]), targets[held_out])
     sample_accuracy = accuracy(classifier, samples.mean(1, keepdim=True), sample_labels)
+    unguided_accuracy = accuracy(classifier, unguided.mean(1, keepdim=True), sample_labels)
+    digits_reference = as_model_input(real[train_part[: args.fid_reference]])
+    fd_digits = {name: digit_distance(classifier, images, digits_reference) for name, images in (
+        ("guided", samples.mean(1, keepdim=True)), ("unguided", unguided.mean(1, keepdim=True)),
+        ("held_out_real", as_model_input(real[held_out[: len(samples)]])))}
 
     print(f"[demo] FID: Inception-v3 features of {len(samples)} samples, {len(samples)} held-out and "
           f"{args.fid_reference} real digits", flush=True)
@@ -94,6 +103,9 @@ def main() -> None:
         "sample_seconds": round(sample_seconds, 1), "sampled_digits": len(samples),
         "classifier_accuracy_on_real": round(real_accuracy, 4),
         "class_accuracy_of_samples": round(sample_accuracy, 4),
+        "class_accuracy_unguided": round(unguided_accuracy, 4),
+        "fd_digits_samples": round(fd_digits["guided"], 2), "fd_digits_unguided": round(fd_digits["unguided"], 2),
+        "fd_digits_held_out_real": round(fd_digits["held_out_real"], 2),
         "fid_samples_vs_real": round(generated["fid"], 2), "fid_held_out_real_vs_real": round(floor["fid"], 2),
         "precision_recall_samples": [round(generated["precision"], 3), round(generated["recall"], 3)],
         "precision_recall_held_out_real": [round(floor["precision"], 3), round(floor["recall"], 3)],

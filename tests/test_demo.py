@@ -19,6 +19,9 @@ def test_demo_pipeline_runs_and_its_judge_is_trustworthy(tmp_path):
     # Four training steps make blobs, far from real digits; held-out real digits sit near the reference.
     assert report["fid_images"] == [20, 60]
     assert report["fid_samples_vs_real"] > 2 * report["fid_held_out_real_vs_real"] > 0
+    # FD-digits, guided and unguided, against the floor of held-out real digits (issue 23's metric).
+    assert min(report["fd_digits_samples"], report["fd_digits_unguided"]) > 2 * report["fd_digits_held_out_real"]
+    assert report["class_accuracy_unguided"] < 0.5
     assert len(list((out / "mnist").rglob("*.png"))) == 5000
     assert sorted(p.name for p in (out / "mnist").iterdir() if p.is_dir()) == [str(d) for d in range(10)]
     assert Image.open(out / "samples.png").size == (10 * 16 + 11 * 2, 2 * 16 + 3 * 2)
