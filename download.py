@@ -74,17 +74,22 @@ def download_model(name: str, directory: Path = PRETRAINED_DIR) -> Path:
 
 
 def fetch(url: str, handle) -> None:
-    """Stream url into an open file with a progress bar; a short read is an error."""
+    """Stream url into an open file."""
+    with urllib.request.urlopen(url, timeout=60) as response:
+        copy_response(response, handle, url)
+
+
+def copy_response(response, handle, url: str) -> None:
+    """An HTTP response's body into an open file with a progress bar; an empty or short body is an error."""
     from tqdm import tqdm
 
-    with urllib.request.urlopen(url, timeout=60) as response:
-        expected = int(response.headers.get("Content-Length") or 0) or None
-        received = 0
-        with tqdm(total=expected, unit="B", unit_scale=True, desc=url.rsplit("/", 1)[-1], disable=None) as bar:
-            while chunk := response.read(1 << 20):
-                handle.write(chunk)
-                received += len(chunk)
-                bar.update(len(chunk))
+    expected = int(response.headers.get("Content-Length") or 0) or None
+    received = 0
+    with tqdm(total=expected, unit="B", unit_scale=True, desc=url.rsplit("/", 1)[-1], disable=None) as bar:
+        while chunk := response.read(1 << 20):
+            handle.write(chunk)
+            received += len(chunk)
+            bar.update(len(chunk))
     if received == 0:
         raise ValueError("the server sent an empty file")
     if expected is not None and received != expected:
@@ -103,18 +108,13 @@ def download_file(url: str, target: Path, sha256: Optional[str] = None) -> Path:
     have = part.stat().st_size if part.is_file() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            resumed = response.status == 206
-            expected = int(response.headers.get("Content-Length") or 0) or None
-            with open(part, "ab" if resumed else "wb") as handle:
-                received = 0
-                while chunk := response.read(1 << 20):
-                    handle.write(chunk)
-                    received += len(chunk)
+        with urllib.request.urlopen(request, timeout=60) as response, \
+                open(part, "ab" if response.status == 206 else "wb") as handle:  # 206: the server resumed
+            try:
+                copy_response(response, handle, url)
+            finally:  # what arrived is kept for the next try
                 handle.flush()
                 os.fsync(handle.fileno())
-        if expected is not None and received != expected:
-            raise ValueError(f"the connection ended after {received} of {expected} bytes (rerun to continue)")
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as error:
         raise DownloadError(f"could not download {url}: {error}. Rerun to continue, or place the file at "
                             f"{target.resolve()} yourself") from error

@@ -248,9 +248,7 @@ def chunked_features(network: InceptionNetwork, count: int, read, source: str, p
     cache_dir), every rank's gathered in order."""
     from tqdm import tqdm
 
-    if count < 2:  # checked before the network sees any image
-        raise ValueError(f"{source} holds {count} image(s); FID needs at least 2 for a covariance "
-                         f"(and thousands for a stable one: ADM's reference batches hold 10,000)")
+    require_two_images(count, source)
     starts = list(range(0, count, chunk_images))
     mine = {}
     with tqdm(total=count, unit="img", desc=Path(source).name, disable=not progress or rank != 0,
@@ -314,12 +312,17 @@ def combine(parts: list) -> dict:
     return result
 
 
+def require_two_images(count: int, source: str) -> None:
+    """Checked before the network sees any image."""
+    if count < 2:
+        raise ValueError(f"{source} holds {count} image(s); FID needs at least 2 for a covariance "
+                         f"(and thousands for a stable one: ADM's reference batches hold 10,000)")
+
+
 def image_features(network: InceptionNetwork, images: np.ndarray, batch_size: int = 50, progress: bool = False,
                    source: str = "images") -> dict:
     """extract() for images already in memory (uint8 NHWC, or NHW grey)."""
-    if len(images) < 2:
-        raise ValueError(f"{source} holds {len(images)} image(s); FID needs at least 2 for a covariance "
-                         f"(and thousands for a stable one: ADM's reference batches hold 10,000)")
+    require_two_images(len(images), source)
     batches = (images[i: i + batch_size] for i in range(0, len(images), batch_size))
     return combine([batch_features(network, batches, source)])
 

@@ -81,9 +81,16 @@ def test_checkpoint_needing_other_code_is_refused_without_running_it(tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("failure", [OSError(errno.EIO, "Input/output error"), OSError(errno.EACCES,
-                                                                                       "Permission denied"),
-                                     OSError(errno.ESTALE, "Stale file handle"), MemoryError()])
+def wrapped_eio() -> RuntimeError:
+    """torch.load's zip reader reports some disk errors as a RuntimeError caused by the OSError."""
+    error = RuntimeError("PytorchStreamReader failed reading zip archive")
+    error.__cause__ = OSError(errno.EIO, "Input/output error")
+    return error
+
+
+@pytest.mark.parametrize("failure", [OSError(errno.EIO, "Input/output error"),
+                                     OSError(errno.EACCES, "Permission denied"),
+                                     OSError(errno.ESTALE, "Stale file handle"), MemoryError(), wrapped_eio()])
 def test_an_io_error_is_not_a_damaged_checkpoint_and_moves_nothing(tmp_path, image_folder_path, monkeypatch, failure):
     """On network storage one EIO must not move a valid checkpoint aside as .corrupt (a requeued job
     would then start afresh): only bytes that do not form a checkpoint mean damaged."""
@@ -98,7 +105,8 @@ def test_an_io_error_is_not_a_damaged_checkpoint_and_moves_nothing(tmp_path, ima
 
     monkeypatch.setattr(torch, "load", failing_load)
     kind = MemoryError if isinstance(failure, MemoryError) else OSError
-    message = "not enough memory to read" if kind is MemoryError else f"cannot read .*0000002.pt: {failure.strerror}"
+    strerror = (failure.__cause__ or failure).strerror if kind is OSError else None
+    message = "not enough memory to read" if kind is MemoryError else f"cannot read .*0000002.pt: {strerror}"
     with pytest.raises(kind, match=message):
         run_main("train.py", *args, "--max-steps", "3", "--resume", "auto")
     with pytest.raises(kind, match=message):
