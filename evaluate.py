@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from files import atomic_write
+from files import atomic_write_text
 from metrics import CHUNK_IMAGES, IS_SPLIT_SIZE, InceptionNetwork, evaluate, extract, save_statistics
 from processes import add_device_flags, distributed, keep_memory_flat, rank_zero_first, require_positive, run_cli
 
@@ -85,8 +85,7 @@ def report(args: argparse.Namespace, rank: int, world_size: int, device) -> None
         print("Precision/Recall: n/a (needs the features of both sides: images, or statistics with pool3)")
     if args.json is not None:
         record = {"network": network.name, "samples": len(first.get("pool3", [])), **metrics}
-        with atomic_write(args.json) as handle:
-            handle.write(json.dumps(record, indent=1).encode())
+        atomic_write_text(args.json, json.dumps(record, indent=1))
 
 
 def warnings(first_name: str, first: dict, second_name: str, second: dict) -> list:

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 
-from files import atomic_write
+from files import atomic_write_text
 from images import image_folder
 from latents import (
     FEATURES_META,
@@ -97,8 +97,7 @@ def extract(args: argparse.Namespace, rank: int, world_size: int, device: torch.
             "shards": [{"posteriors": posteriors, "labels": labels, "count": count}
                        for (posteriors, labels), count in zip(names, counts)],
         }
-        with atomic_write(out / FEATURES_META) as handle:
-            handle.write(json.dumps(meta, indent=1).encode())
+        atomic_write_text(out / FEATURES_META, json.dumps(meta, indent=1))
         logger.info(f"Wrote {len(dataset)} images' latents ({world_size} shard(s)) to {out}")
     dist.barrier()
 

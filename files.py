@@ -66,6 +66,12 @@ def atomic_torch_save(obj, path: Union[str, Path]) -> None:
         torch.save(obj, handle)
 
 
+def atomic_write_text(path: Union[str, Path], text: str) -> None:
+    """A text file (a report, a JSON record) written through atomic_write."""
+    with atomic_write(path) as handle:
+        handle.write(text.encode())
+
+
 def tensor_bytes(obj) -> int:
     """The bytes of all tensors in a nested dict/list (about the size torch.save writes)."""
     if isinstance(obj, torch.Tensor):

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from download import PRETRAINED_MODELS, download_file, download_model
-from files import atomic_write, file_digest
+from files import atomic_write_text, file_digest
 from processes import require_positive, run_cli
 
 ROOT = Path(__file__).resolve().parent
@@ -147,11 +147,9 @@ def main(args: argparse.Namespace) -> Optional[dict]:
                 "sample_flags": list(map(str, flags)), "checkpoint": str(checkpoint), "reference_batch": str(reference),
                 "reference_sha256": file_digest(reference), "network": measured["network"]}
     report = {"settings": settings, "published": asdict(row), "comparison": lines}
-    with atomic_write(work / "report.json") as handle:
-        handle.write(json.dumps(report, indent=1).encode())
+    atomic_write_text(work / "report.json", json.dumps(report, indent=1))
     text = markdown(args.row, row, lines, settings)
-    with atomic_write(work / "report.md") as handle:
-        handle.write(text.encode())
+    atomic_write_text(work / "report.md", text)
     print(text)
     return report
 
