@@ -1,7 +1,9 @@
 """The experiments' scripts, smoke-sized: they run end to end and write what they promise."""
+import argparse
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -64,13 +66,14 @@ def test_fine_tune_experiment_smoke(tmp_path):
     assert "| fine-tuned from 0-4 | 2 |" in (tmp_path / "fine_tune.md").read_text()
 
 
-@pytest.mark.slow  # four train.py runs and their FID: over a minute on 2 cores
+@pytest.mark.slow  # twelve short train.py runs, a judge and the FID network: about four minutes on 2 cores
 def test_scaling_experiment_smoke(tmp_path):
     from experiments import scaling
 
     flags = ["--out", str(tmp_path / "out"), "--plots", str(tmp_path / "plots" / "scaling"), "--sizes", "Pico", "Nano",
-             "--patches", "8", "4", "--steps", "1", "--global-batch-size", "8", "--fid-samples", "2",
-             "--eval-samples", "10", "--reference", "10", "--digits", "100", "--nproc", "1"]
+             "--patches", "8", "4", "--steps", "2", "--eval-every", "1", "--global-batch-size", "8",
+             "--curve-samples", "10", "--eval-samples", "20", "--fid-samples", "20", "--reference", "20", "--digits",
+             "100", "--nproc", "1"]
     result = scaling.main(flags)
     cells = result["cells"]
     assert [c["model"] for c in cells] == ["DiT-Pico/8", "DiT-Pico/4", "DiT-Nano/8", "DiT-Nano/4"]
@@ -79,23 +82,43 @@ def test_scaling_experiment_smoke(tmp_path):
     # Forward Gflops grow with width and with tokens, and the compute column is Gflops x batch x steps x 3.
     assert cells[0]["gflops"] < cells[1]["gflops"] and cells[2]["gflops"] < cells[3]["gflops"]
     assert cells[0]["gflops"] < cells[2]["gflops"] and cells[1]["gflops"] < cells[3]["gflops"]
-    assert all(c["compute"] == pytest.approx(c["gflops"] * 8 * 1 * 3) for c in cells)
-    assert all([step for step, _ in c["curve"]] == [1] for c in cells)  # --fid-every: a third of the run, at least 1
-    # The final FID is that of the cell's EMA samples: redraw the first cell's and score them here.
-    from experiments.digits import draw, fid_network, final_checkpoint, load_digit_model
+    assert all(c["compute"] == pytest.approx(c["gflops"] * 8 * 2 * 3) for c in cells)
+    assert all([p["step"] for p in c["curve"]] == [1, 2] for c in cells)  # every --eval-every checkpoint judged
+    assert all(math.isfinite(c["loss"]) and c["train_seconds"] > 0 for c in cells)
+
+    # The final numbers are those of the cell's last EMA weights: redraw the first cell's samples and judge them here.
+    from experiments.digits import draw, load_digit_model
     from images import to_uint8_images
-    from metrics import extract, frechet_distance, image_features
-    checkpoint = final_checkpoint(next((tmp_path / "out" / "runs" / "DiT-Pico-8").iterdir()))
-    images, _ = draw(load_digit_model(checkpoint), scaling.SAMPLER, scaling.SAMPLER_STEPS, None, 1.0,
-                     torch.arange(10) % 10, batch_size=500, seed=0)
-    network = fid_network()
-    reference = extract(network, str(tmp_path / "out" / "fid_reference_16px_10.npz"), progress=False)
-    expected = frechet_distance(image_features(network, to_uint8_images(images)), reference)
-    assert cells[0]["fid"] == pytest.approx(expected, rel=1e-6)
-    assert all(math.isfinite(c["loss"]) for c in cells)
+    run = next((tmp_path / "out" / "runs" / "DiT-Pico-8").iterdir())
+    images, _ = draw(load_digit_model(run / "checkpoints" / "0000002.pt"), scaling.SAMPLER, scaling.SAMPLER_STEPS,
+                     None, 1.0, torch.arange(20) % 10, batch_size=500, seed=0)
+    judge = scaling.Judge(argparse.Namespace(image_size=16, reference=20, out=tmp_path / "out"))
+    expected = judge.digits(images, torch.arange(20) % 10)
+    assert cells[0]["fd_digits"] == pytest.approx(expected["fd_digits"], rel=1e-6)
+    assert cells[0]["accuracy"] == expected["accuracy"]
+    assert cells[0]["fid"] == pytest.approx(judge.fid(to_uint8_images(images)[..., 0]), rel=1e-6)
+    with np.load(cells[0]["samples_file"]) as stored:
+        assert np.array_equal(stored["arr_0"], to_uint8_images(images)[..., 0])
+    floors = result["floors"]
+    assert floors["final"] == pytest.approx(judge.digit_floor(20), rel=1e-6) and floors["accuracy"] > 0.5
+    assert all(c["fd_digits"] > floors["final"] for c in cells)  # two steps from a zero output layer: no digits yet
+
     stored = json.loads((tmp_path / "out" / "scaling.json").read_text())
-    assert stored["summary"] == result["summary"] and math.isfinite(result["summary"]["r_fid_log_gflops"])
-    assert all(path.stat().st_size > 0 for path in result["plots"]) and len(result["plots"]) == 3
+    assert stored["summary"] == result["summary"] and stored["floors"] == floors
+    assert [path.name for path in result["plots"]] == ["scaling_fd_vs_steps.png", "scaling_fd_vs_gflops.png",
+                                                       "scaling_fd_vs_compute.png", "scaling_samples.png"]
+    assert all(path.stat().st_size > 0 for path in result["plots"])
     assert (tmp_path / "out" / "scaling.md").read_text().count("| DiT-") == 4
-    again = scaling.main(flags)  # every cell is stored: nothing is trained or sampled again
+
+    evaluations = sorted((tmp_path / "out" / "runs").glob("*/*/evaluations/*.json"))
+    written = {path: path.stat().st_mtime_ns for path in evaluations}
+    again = scaling.main(flags)  # every evaluation is stored: nothing is sampled again
     assert again["table"] == result["table"]
+    assert {path: path.stat().st_mtime_ns for path in evaluations} == written
+
+    longer = scaling.main([*flags, "--steps", "3"])  # training continues, and only the new step is judged
+    assert all([p["step"] for p in c["curve"]] == [1, 2, 3] for c in longer["cells"])
+    assert all(c["curve"][:2] == old["curve"] for c, old in zip(longer["cells"], cells))
+    assert {path: path.stat().st_mtime_ns for path in evaluations} == written
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["0000001.pt", "0000002.pt", "0000003.pt"]
+    assert "Resumed from" in (run / "log.txt").read_text()
