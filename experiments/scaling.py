@@ -22,7 +22,6 @@ constant after warm-up, as in the paper, so a longer run extends the same curve)
 import argparse
 import json
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +42,7 @@ from experiments.digits import (
     train_classifier,
     write_image_folder,
 )
-from files import atomic_write_text
+from files import atomic_write, atomic_write_text
 from images import to_uint8_images
 from metrics import frechet_distance, image_features
 from models import DiT_models, count_forward_gmacs
@@ -68,12 +67,11 @@ class Judge:
     (built on first use, it is the slow part) Inception-v3 with its reference statistics."""
 
     def __init__(self, args):
-        self.args = args
-        real, self.targets, train_part, self.held_out = real_digits(args.image_size)
-        self.real = real
-        self.classifier = train_classifier(as_model_input(real[train_part]), self.targets[train_part])
+        self.cache_dir = args.out
+        self.real, self.targets, train_part, self.held_out = real_digits(args.image_size)
+        self.classifier = train_classifier(as_model_input(self.real[train_part]), self.targets[train_part])
         self.fit_digits = train_part[: args.reference]
-        self.reference = as_model_input(real[self.fit_digits])
+        self.reference = as_model_input(self.real[self.fit_digits])
         self.inception = None
 
     def digit_floor(self, samples: int) -> float:
@@ -88,18 +86,14 @@ class Judge:
     def fid(self, uint8_images: np.ndarray) -> float:
         if self.inception is None:
             network = fid_network()
-            self.inception = network, fid_reference(network, self.real, self.fit_digits, self.args.out)
+            self.inception = network, fid_reference(network, self.real, self.fit_digits, self.cache_dir)
         network, reference = self.inception
         return frechet_distance(image_features(network, uint8_images), reference)
 
 
-def balanced_labels(samples: int) -> torch.Tensor:
-    return torch.arange(samples) % 10
-
-
 def judge_checkpoint(checkpoint: Path, judge: Judge, samples: int) -> tuple[dict, torch.Tensor]:
     """FD-digits and class accuracy of `samples` unguided EMA samples, classes balanced; (result, samples)."""
-    labels = balanced_labels(samples)
+    labels = torch.arange(samples) % 10
     images, seconds = draw(load_digit_model(checkpoint), SAMPLER, SAMPLER_STEPS, None, 1.0, labels, batch_size=500,
                            seed=0)
     return {**judge.digits(images, labels), "sampling_seconds": seconds}, images
@@ -144,10 +138,13 @@ def run_cell(args, size: str, patch: int, data: Path, judge: Judge, recipe: dict
                        lambda: judge_checkpoint(checkpoint, judge, args.curve_samples)[0])
         curve.append({"step": step, **point})
 
+    samples_file = experiment / "evaluations" / f"final-{args.steps:07d}.npz"
+
     def final() -> dict:
         result, images = judge_checkpoint(checkpoints[-1], judge, args.eval_samples)
         grey = to_uint8_images(images)[..., 0]
-        np.savez_compressed(experiment / "evaluations" / "final_samples.npz", grey)
+        with atomic_write(samples_file) as handle:
+            np.savez_compressed(handle, grey)
         return {**result, "fid": judge.fid(grey[: args.fid_samples])}  # balanced labels: classes stay balanced
 
     loss, train_seconds = training_record(experiment)
@@ -155,7 +152,7 @@ def run_cell(args, size: str, patch: int, data: Path, judge: Judge, recipe: dict
             "loss": loss, "train_seconds": train_seconds,
             **stored(experiment / "evaluations" / f"final-{args.steps:07d}.json", recipe, final)}
     cell["compute"] = cell["gflops"] * args.global_batch_size * args.steps * 3  # Gflop, the paper's Figure 9
-    cell["samples_file"] = str(experiment / "evaluations" / "final_samples.npz")
+    cell["samples_file"] = str(samples_file)
     print(f"[scaling] {model_name}: FD-digits {cell['fd_digits']:.1f}, accuracy {cell['accuracy']:.3f}, "
           f"FID {cell['fid']:.1f}", flush=True)
     return cell
@@ -290,21 +287,20 @@ def main(argv=None) -> dict:
     recipe = {k: getattr(args, k) for k in RECIPE}
     judge = Judge(args)
 
-    started = time.time()
     cells = [run_cell(args, size, patch, data, judge, recipe) for size in args.sizes for patch in args.patches]
 
-    held_out = judge.real[judge.held_out[: args.eval_samples]]
+    held_out = judge.held_out[: args.eval_samples]
     floors = stored(args.out / f"floors-{args.eval_samples}.json", recipe, lambda: {
         "curve": judge.digit_floor(args.curve_samples), "final": judge.digit_floor(args.eval_samples),
-        "accuracy": accuracy(judge.classifier, as_model_input(held_out), judge.targets[judge.held_out[:len(held_out)]]),
-        "fid": judge.fid(held_out[: args.fid_samples])})
+        "accuracy": accuracy(judge.classifier, as_model_input(judge.real[held_out]), judge.targets[held_out]),
+        "fid": judge.fid(judge.real[held_out[: args.fid_samples]])})
     log_gflops = np.log10([c["gflops"] for c in cells])
     log_fd = np.log10([c["fd_digits"] for c in cells])
     summary = {"r_log_fd_digits_log_gflops": correlation(log_gflops, log_fd),
                "r_log_fd_digits_log_params": correlation(np.log10([c["params"] for c in cells]), log_fd),
                "r_fid_log_gflops": correlation(log_gflops, [c["fid"] for c in cells]),
                "r_loss_log_gflops": correlation(log_gflops, [c["loss"] for c in cells]),
-               "best_cell": min(cells, key=lambda c: c["fd_digits"])["model"], "seconds": time.time() - started}
+               "best_cell": min(cells, key=lambda c: c["fd_digits"])["model"]}
     table = markdown(cells, floors, args) + [
         "", f"Pearson correlation of log FD-digits-{args.eval_samples} with log10 Gflops: "
         f"{summary['r_log_fd_digits_log_gflops']:.3f}; with log10 parameters: "

@@ -2,6 +2,7 @@
 import argparse
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -121,4 +122,17 @@ def test_scaling_experiment_smoke(tmp_path):
     assert all(c["curve"][:2] == old["curve"] for c, old in zip(longer["cells"], cells))
     assert {path: path.stat().st_mtime_ns for path in evaluations} == written
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["0000001.pt", "0000002.pt", "0000003.pt"]
+    assert longer["cells"][0]["samples_file"].endswith("final-0000003.npz") and Path(cells[0]["samples_file"]).is_file()
     assert "Resumed from" in (run / "log.txt").read_text()
+
+
+def test_scaling_training_record_adds_up_the_time_of_resumed_runs(tmp_path):
+    from experiments import scaling
+
+    # 100 steps at 10 steps/s, then (a resumed run) 100 at 5 and 200 at 20: 10 + 20 + 10 = 40 seconds.
+    records = [{"step": 100, "loss": 0.5, "steps_per_sec": 10.0}, {"step": 150, "fid": 80.0},
+               {"step": 200, "loss": 0.3, "steps_per_sec": 5.0}, {"step": 400, "loss": 0.1, "steps_per_sec": 20.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    loss, seconds = scaling.training_record(tmp_path)
+    assert seconds == pytest.approx(40.0)
+    assert loss == pytest.approx(0.1)  # the mean of the records past 90% of the last step: only step 400
