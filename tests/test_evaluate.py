@@ -9,6 +9,7 @@ from PIL import Image
 import metrics
 
 
+@pytest.mark.slow  # three evaluate.py runs (one a process) and the spatial features: about 45 s on 2 cores
 def test_cli_metrics_and_stats_from_a_folder(tmp_path, network, sets, features, capsys):
     digits = np.load(sets["half_b"])["arr_0"][:10]
     folder = tmp_path / "real"

@@ -61,6 +61,7 @@ def test_statistics_written_and_read_back_give_the_same_metrics(tmp_path, networ
         assert stored["mu_s"].shape == (2023,) and stored["sigma_s"].shape == (2023, 2023)
 
 
+@pytest.mark.slow  # three 2023-wide matrix square roots and Inception twice: about 20 s on 2 cores
 def test_sfid_reads_mixed_6_conv_as_adms_suite_does(network, sets, features):
     """sFID: the Frechet distance of the first 7 channels of mixed_6/conv (17x17, NHWC order)."""
     images = torch.from_numpy(np.load(sets["half_a"])["arr_0"][:4]).unsqueeze(1).expand(-1, 3, -1, -1)

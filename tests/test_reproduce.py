@@ -20,6 +20,7 @@ def test_list_shows_every_row_with_its_settings_and_published_values(capsys):
         run_main("reproduce.py", "--row", "XL/2-1024")
 
 
+@pytest.mark.slow  # sample_ddp.py, evaluate.py and a download, each a process: about 40 s on 2 cores
 def test_the_chain_runs_offline_and_reports_measured_against_published(tmp_path, trained_checkpoint, tiny_vae_path):
     real = np.random.default_rng(0).integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
     np.savez(tmp_path / "real.npz", arr_0=real)

@@ -12,6 +12,7 @@ from helpers import DDP_DEVICE, DEVICE, digest, run_main, run_script
 pytestmark = pytest.mark.device  # on CUDA when present: see helpers.DEVICE
 
 
+@pytest.mark.slow  # three sample_ddp.py runs, two under torchrun: about 40 s on 2 cores
 def test_sample_ddp_two_processes_and_resume(tmp_path, trained_checkpoint):
     args = ["--ckpt", trained_checkpoint, "--sample-dir", tmp_path / "samples", "--per-proc-batch-size", "3",
             "--num-fid-samples", "10", "--num-sampling-steps", "4", "--device", DEVICE]

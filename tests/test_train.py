@@ -106,6 +106,7 @@ def test_rank_agreement_check_covers_the_ema(tmp_path):
         assert (f"rank {rank}: the ranks' EMA weights differ at step 6" in result.stdout), result.stdout
 
 
+@pytest.mark.slow  # three two-process runs through a VAE: about a minute on 2 cores (make test resumes in-process)
 def test_resume_is_bit_identical_across_ranks_epochs_and_vae(tmp_path, image_folder_path, tiny_vae_path):
     # 16 images, global batch 4 on 2 ranks: 4 steps per epoch, so 7 steps cross an epoch boundary
     # and the stop at step 3 falls mid-epoch. Flips, VAE draws, label dropout and noise all use RNG.
@@ -273,6 +274,7 @@ def test_bad_inputs_fail_before_work(tmp_path, image_folder_path, case, message,
     assert not any((tmp_path / "r").rglob("*.pt"))
 
 
+@pytest.mark.slow  # two two-process runs, the FID network twice: about a minute on 2 cores
 def test_fid_monitoring_logs_the_right_fid_and_leaves_training_unchanged(tmp_path, image_folder_path,
                                                                          fidelity_inception_path):
     # torch-fidelity's own network class: building it draws random numbers, which must not reach
