@@ -122,13 +122,18 @@ def training_record(experiment: Path) -> tuple[float, float]:
     return float(np.mean(tail)), float(sum(steps / np.array([r["steps_per_sec"] for r in losses])))
 
 
+def judged_checkpoints(experiment: Path, eval_every: int) -> list:
+    """The checkpoints on the --eval-every grid: a stop by SIGTERM leaves one at another step, kept only to resume."""
+    return sorted(c for c in (experiment / "checkpoints").glob("*.pt") if int(c.stem) % eval_every == 0)
+
+
 def run_cell(args, size: str, patch: int, data: Path, judge: Judge, recipe: dict) -> dict:
     """Train one cell to --steps (continuing its run), judge each checkpoint, and the last one in full."""
     model_name = f"DiT-{size}/{patch}"
     experiment = train(argparse.Namespace(**{**vars(args), "model": model_name, "max_steps": args.steps}), data,
                        args.out / "runs" / model_name.replace("/", "-"), "--ckpt-every", str(args.eval_every),
                        "--log-every", str(math.gcd(args.log_every, args.eval_every)))  # a record at every checkpoint
-    checkpoints = sorted((experiment / "checkpoints").glob("*.pt"))
+    checkpoints = judged_checkpoints(experiment, args.eval_every)
     steps = [int(c.stem) for c in checkpoints]
     if steps[-1] != args.steps:
         raise SystemExit(f"{experiment}: the last checkpoint is step {steps[-1]}, not --steps {args.steps}")

@@ -136,3 +136,13 @@ def test_scaling_training_record_adds_up_the_time_of_resumed_runs(tmp_path):
     loss, seconds = scaling.training_record(tmp_path)
     assert seconds == pytest.approx(40.0)
     assert loss == pytest.approx(0.1)  # the mean of the records past 90% of the last step: only step 400
+
+
+def test_scaling_judges_only_the_eval_every_checkpoints(tmp_path):
+    from experiments import scaling
+
+    (tmp_path / "checkpoints").mkdir()
+    for step in (480, 600, 670, 1200, 1800):  # 480 and 670: where SIGTERM stopped two runs
+        (tmp_path / "checkpoints" / f"{step:07d}.pt").touch()
+    judged = scaling.judged_checkpoints(tmp_path, 600)
+    assert [int(c.stem) for c in judged] == [600, 1200, 1800]
