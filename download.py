@@ -10,10 +10,10 @@ import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 from checkpoints import load_state_dict
-from files import atomic_write, file_digest
+from files import file_digest
 
 PRETRAINED_MODELS = {"DiT-XL-2-256x256.pt", "DiT-XL-2-512x512.pt"}
 DEFAULT_MODELS_URL = "https://dl.fbaipublicfiles.com/DiT/models"
@@ -46,9 +46,9 @@ def models_url() -> str:
 def download_model(name: str, directory: Path = PRETRAINED_DIR) -> Path:
     """Path of an official checkpoint, fetching it first if it is not there yet.
 
-    The file is streamed to a temporary name, checked (non-empty, complete, loads, has DiT's keys)
-    and only then renamed (files.atomic_write), so an interrupted or bad download never leaves a
-    file under the final name.
+    The official files are 2.7 GB: a cut download continues where it stopped on the next call
+    (download_file), and the file appears under its name only once complete and checked (non-empty,
+    loads, has DiT's keys).
     """
     if name not in PRETRAINED_MODELS:
         raise ValueError(f"{name!r} is not an official checkpoint: {', '.join(sorted(PRETRAINED_MODELS))}")
@@ -56,27 +56,13 @@ def download_model(name: str, directory: Path = PRETRAINED_DIR) -> Path:
     target = directory / name
     if target.is_file():
         return target
-    url = f"{models_url()}/{name}"
     created = not directory.exists()
-    directory.mkdir(parents=True, exist_ok=True)
-    retry = (f"Retry later, set DIT_MODELS_URL to a mirror, or download {url} yourself and place it at "
-             f"{target.resolve()}")
     try:
-        with atomic_write(target) as handle:  # the file appears under its name only once complete and checked
-            fetch(url, handle)
-            handle.flush()
-            check_checkpoint(Path(handle.name))
-    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as error:
+        return download_file(f"{models_url()}/{name}", target, check=check_checkpoint)
+    except DownloadError as error:
         if created and not any(directory.iterdir()):  # leave no empty folder behind
             directory.rmdir()
-        raise DownloadError(f"could not download {url}: {error}. {retry}") from error
-    return target
-
-
-def fetch(url: str, handle) -> None:
-    """Stream url into an open file."""
-    with urllib.request.urlopen(url, timeout=60) as response:
-        copy_response(response, handle, url)
+        raise DownloadError(f"{error} (or set DIT_MODELS_URL to a mirror)") from error.__cause__
 
 
 def copy_response(response, handle, url: str) -> None:
@@ -96,10 +82,12 @@ def copy_response(response, handle, url: str) -> None:
         raise ValueError(f"the connection ended after {received} of {expected} bytes")
 
 
-def download_file(url: str, target: Path, sha256: Optional[str] = None) -> Path:
-    """A large file (ADM's reference batches) fetched to target: resumable (a cut download continues
-    from its .part file with an HTTP range request), checked against sha256 when one is given, and
-    renamed into place only when complete. Returns target; a file already there is kept."""
+def download_file(url: str, target: Path, sha256: Optional[str] = None,
+                  check: Optional[Callable[[Path], None]] = None) -> Path:
+    """A large file (a checkpoint, ADM's reference batches) fetched to target: resumable (a cut download
+    continues from its .part file with an HTTP range request), checked against sha256 and by check (a
+    ValueError names the problem) when given, and renamed into place only when complete and checked; a
+    complete file that fails a check is deleted. Returns target; a file already there is kept."""
     target = Path(target)
     if target.is_file():
         return target
@@ -116,11 +104,17 @@ def download_file(url: str, target: Path, sha256: Optional[str] = None) -> Path:
                 handle.flush()
                 os.fsync(handle.fileno())
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as error:
-        raise DownloadError(f"could not download {url}: {error}. Rerun to continue, or place the file at "
-                            f"{target.resolve()} yourself") from error
-    if sha256 is not None and file_digest(part) != sha256:
+        raise DownloadError(f"could not download {url}: {error}. Rerun later (a cut download continues "
+                            f"where it stopped), or place the file at {target.resolve()} yourself") from error
+    try:
+        if sha256 is not None and file_digest(part) != sha256:
+            raise ValueError(f"it does not have the expected SHA-256 {sha256}")
+        if check is not None:
+            check(part)
+    except ValueError as error:
         part.unlink()
-        raise DownloadError(f"{url} does not have the expected SHA-256 {sha256}; the download was deleted")
+        raise DownloadError(f"{url} was downloaded but {error}; the download was deleted. Place a good copy "
+                            f"at {target.resolve()} yourself") from error
     os.replace(part, target)
     return target
 

@@ -1,4 +1,4 @@
-"""download.py: official names downloaded once (loopback server), failures that leave nothing, local files."""
+"""download.py: official names downloaded once (loopback server), cut downloads resumed, bad ones deleted."""
 import pytest
 import torch
 from helpers import LoopbackServer
@@ -36,7 +36,6 @@ def test_download_success_then_cached(tmp_path, server):
 
 
 @pytest.mark.parametrize("case,message", [
-    ("cut", "connection ended after"),
     ("corrupt", "is not a readable PyTorch checkpoint"),
     ("not-dit", "is not a DiT checkpoint"),
     ("missing", "HTTP Error 404"),
@@ -44,9 +43,7 @@ def test_download_success_then_cached(tmp_path, server):
 def test_download_failures_leave_nothing(tmp_path, server, case, message):
     body = checkpoint_bytes(tmp_path)
     route = f"/models/{NAME}"
-    if case == "cut":
-        server.routes[route] = (200, body[: len(body) // 2], len(body))
-    elif case == "corrupt":
+    if case == "corrupt":
         server.routes[route] = (200, body[: len(body) // 2], None)
     elif case == "not-dit":
         torch.save({"weight": torch.zeros(2)}, tmp_path / "other.pt")
@@ -57,6 +54,20 @@ def test_download_failures_leave_nothing(tmp_path, server, case, message):
     assert message in text
     assert f"{server.url}/{NAME}" in text and str((tmp_path / "pretrained" / NAME).resolve()) in text
     assert not (tmp_path / "pretrained").exists()  # the folder it made for the file is gone too
+
+
+def test_a_cut_download_continues_on_the_next_call(tmp_path, server):
+    body = checkpoint_bytes(tmp_path)
+    route = f"/models/{NAME}"
+    server.routes[route] = (200, body[: len(body) // 2], len(body))  # the connection drops halfway
+    with pytest.raises(download.DownloadError, match="connection ended after") as error:
+        download.download_model(NAME, tmp_path / "pretrained")
+    assert str((tmp_path / "pretrained" / NAME).resolve()) in str(error.value) and "DIT_MODELS_URL" in str(error.value)
+    assert [p.name for p in (tmp_path / "pretrained").iterdir()] == [f".{NAME}.part"]  # nothing under its name
+    server.routes[route] = (200, body, None)
+    target = download.download_model(NAME, tmp_path / "pretrained")
+    assert server.ranges[-1] == f"bytes={len(body) // 2}-"  # the second call asked for the rest only
+    assert target.read_bytes() == body and [p.name for p in target.parent.iterdir()] == [NAME]
 
 
 def test_find_model_local_files(tmp_path):
