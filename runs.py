@@ -97,20 +97,27 @@ def check_resumable(checkpoint, path: Path) -> None:
 def claim_experiment(args: argparse.Namespace, resumed: Optional[Path], scope: ExitStack) -> tuple[Path, list]:
     """(the folder this run writes into, lines for the log), locked until the run ends (rank 0).
     A resumed run continues its checkpoint's experiment; a new one reuses the newest folder of its
-    model if that run died before its first checkpoint, else takes the next number."""
+    model if that run died before its first checkpoint, else takes the next number. Resuming from a
+    checkpoint that has later ones beside it branches: a new folder, so the later checkpoints and
+    the records of that run are left as they are."""
+    notes = []
     if resumed is not None and resumed.parent.name == "checkpoints":
         folder = resumed.parent.parent
-        if not lock_experiment(folder, scope):
-            raise ValueError(f"--resume: {folder} is in use by another run that is still alive (it holds "
-                             f"{folder / '.lock'}); stop that run first")
-        return folder, []
+        later = [p.name for p in resumed.parent.glob("*.pt") if step_of(p) > step_of(resumed)]
+        if not later:
+            if not lock_experiment(folder, scope):
+                raise ValueError(f"--resume: {folder} is in use by another run that is still alive (it holds "
+                                 f"{folder / '.lock'}); stop that run first")
+            return folder, []
+        notes.append(f"Branching from {resumed}: its run went on to {max(later)}, which is left as it is; this "
+                     f"run writes a new folder in {args.results_dir}")
     root = Path(args.results_dir)
     root.mkdir(parents=True, exist_ok=True)
     suffix = "-" + args.model.replace("/", "-")
     newest = max(root.glob(f"*{suffix}"), default=None)
     if newest is not None and not any(not p.name.startswith(".") for p in (newest / "checkpoints").glob("*")) \
             and lock_experiment(newest, scope):
-        return newest, [f"Reusing {newest}: the run that made it stopped before writing a checkpoint"]
+        return newest, [*notes, f"Reusing {newest}: the run that made it stopped before writing a checkpoint"]
     # The official numbering; a taken number (a folder was deleted, or a run starting beside this one
     # took it) moves on to the next.
     index = len(glob(f"{root}/*"))
@@ -122,7 +129,12 @@ def claim_experiment(args: argparse.Namespace, resumed: Optional[Path], scope: E
         except FileExistsError:
             continue
         if lock_experiment(folder, scope):
-            return folder, []
+            return folder, notes
+
+
+def step_of(checkpoint: Path) -> int:
+    """The step in a checkpoint's name (train.py writes 0001800.pt); -1 for a file named otherwise."""
+    return int(checkpoint.stem) if checkpoint.stem.isdigit() else -1
 
 
 def lock_experiment(folder: Path, scope: ExitStack) -> bool:
