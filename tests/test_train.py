@@ -561,8 +561,8 @@ def test_keep_last_never_deletes_the_checkpoint_resumed_from(tmp_path, image_fol
     run_main("train.py", *args, "--max-steps", "5", "--keep-last", "2", "--keep-every", "3")
     checkpoints = only_experiment(tmp_path / "results") / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["0000003.pt", "0000004.pt", "0000005.pt"]
-    run_main("train.py", *args, "--max-steps", "7", "--keep-last", "1", "--resume", checkpoints / "0000004.pt")
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["0000004.pt", "0000007.pt"]
+    run_main("train.py", *args, "--max-steps", "7", "--keep-last", "1", "--resume", checkpoints / "0000005.pt")
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["0000005.pt", "0000007.pt"]
     assert "Deleted 0000006.pt (--keep-last 1)" in (checkpoints.parent / "log.txt").read_text()
 
 
