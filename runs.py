@@ -155,7 +155,7 @@ def prune_checkpoints(folder: Path, keep_last: int, keep_every: Optional[int], k
     (the one the run resumed from). Called only after a newer checkpoint is completely written."""
     checkpoints = sorted(folder.glob("*.pt"))  # zero-padded step numbers sort by step
     kept = set(checkpoints[-keep_last:])
-    kept |= {c for c in checkpoints if keep_every and c.stem.isdigit() and int(c.stem) % keep_every == 0}
+    kept |= {c for c in checkpoints if keep_every and step_of(c) > 0 and step_of(c) % keep_every == 0}
     removed = [c for c in checkpoints if c not in kept and (keep is None or c.resolve() != Path(keep).resolve())]
     for checkpoint in removed:
         checkpoint.unlink()

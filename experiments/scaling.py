@@ -46,6 +46,7 @@ from files import atomic_write, atomic_write_text
 from images import to_uint8_images
 from metrics import frechet_distance, image_features
 from models import DiT_models, count_forward_gmacs
+from runs import step_of
 
 SAMPLER, SAMPLER_STEPS = "dpm++", 20
 # The recipe flags every cell shares; a stored evaluation counts only under the same recipe (--steps aside).
@@ -124,7 +125,8 @@ def training_record(experiment: Path) -> tuple[float, float]:
 
 def judged_checkpoints(experiment: Path, eval_every: int) -> list:
     """The checkpoints on the --eval-every grid: a stop by SIGTERM leaves one at another step, kept only to resume."""
-    return sorted(c for c in (experiment / "checkpoints").glob("*.pt") if int(c.stem) % eval_every == 0)
+    checkpoints = sorted((experiment / "checkpoints").glob("*.pt"))
+    return [c for c in checkpoints if step_of(c) > 0 and step_of(c) % eval_every == 0]
 
 
 def run_cell(args, size: str, patch: int, data: Path, judge: Judge, recipe: dict) -> dict:
@@ -134,7 +136,7 @@ def run_cell(args, size: str, patch: int, data: Path, judge: Judge, recipe: dict
                        args.out / "runs" / model_name.replace("/", "-"), "--ckpt-every", str(args.eval_every),
                        "--log-every", str(math.gcd(args.log_every, args.eval_every)))  # a record at every checkpoint
     checkpoints = judged_checkpoints(experiment, args.eval_every)
-    steps = [int(c.stem) for c in checkpoints]
+    steps = [step_of(c) for c in checkpoints]
     if steps[-1] != args.steps:
         raise SystemExit(f"{experiment}: the last checkpoint is step {steps[-1]}, not --steps {args.steps}")
     curve = []

@@ -138,8 +138,16 @@ def test_resume_from_a_path_continues_that_experiment(tmp_path, image_folder_pat
     run_main("train.py", *args, *results, "--max-steps", "5", "--resume", experiment / "checkpoints" / "0000003.pt")
     assert only_experiment(tmp_path / "results") == experiment
     assert [r["step"] for r in read_metrics(experiment)] == [1, 2, 3, 4, 5]
-    assert_same_state(load(experiment / "checkpoints" / "0000005.pt"),
-                      load(only_experiment(tmp_path / "straight") / "checkpoints" / "0000005.pt"))
+    straight = load(only_experiment(tmp_path / "straight") / "checkpoints" / "0000005.pt")
+    assert_same_state(load(experiment / "checkpoints" / "0000005.pt"), straight)
+    # From step 3 again, now that the run went on to 5: a branch in a new folder, the first run left whole.
+    run_main("train.py", *args, *results, "--max-steps", "5", "--resume", experiment / "checkpoints" / "0000003.pt")
+    branch = tmp_path / "results" / "001-DiT-Nano-4"
+    assert [r["step"] for r in read_metrics(experiment)] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in read_metrics(branch)] == [4, 5]
+    assert "Branching from" in (branch / "log.txt").read_text()
+    assert sorted(p.name for p in (branch / "checkpoints").iterdir()) == ["0000005.pt"]
+    assert_same_state(load(branch / "checkpoints" / "0000005.pt"), straight)
 
 
 def test_resume_from_another_models_checkpoint_names_the_mismatch(tmp_path, image_folder_path, trained_checkpoint):
