@@ -1,6 +1,6 @@
 """The paper's scaling result at small scale: sample quality against forward Gflops, by model size and patch size.
 
-    python -m experiments.scaling [--out results/scaling] [--steps 3600] [--eval-every 600] ...
+    python -m experiments.scaling [--out results/scaling] [--steps 4800] [--eval-every 600] ...
 
 1. Trains every cell of --sizes x --patches with train.py on the 5,000 real MNIST digits at 16x16
    (pixel space), all with one recipe, one seed, the same steps and batch, keeping a checkpoint
@@ -261,7 +261,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--sizes", nargs="+", default=["Pico", "Nano", "Micro"], help="DiT-<size>/<patch> models")
     parser.add_argument("--patches", nargs="+", type=int, default=[8, 4, 2])
     parser.add_argument("--image-size", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=3600)
+    parser.add_argument("--steps", type=int, default=4800)
     parser.add_argument("--eval-every", type=int, default=600, help="steps between checkpoints that are judged")
     parser.add_argument("--log-every", type=int, default=100)
     parser.add_argument("--global-batch-size", type=int, default=64)
