@@ -1,6 +1,6 @@
 """The paper's scaling result at small scale: sample quality against forward Gflops, by model size and patch size.
 
-    python -m experiments.scaling [--out results/scaling] [--steps 4800] [--eval-every 600] ...
+    python -m experiments.scaling [--out results/scaling] [--steps 6000] [--halve-lr-at 4800] ...
 
 1. Trains every cell of --sizes x --patches with train.py on the 5,000 real MNIST digits at 16x16
    (pixel space), all with one recipe, one seed, the same steps and batch, keeping a checkpoint
@@ -17,7 +17,8 @@
    per cell (Figure 2's look).
 Every evaluation is stored beside its checkpoint, so a rerun only does what is missing, and a rerun
 with a larger --steps continues every cell's training run where it stopped (the learning rate is
-constant after warm-up, as in the paper, so a longer run extends the same curve).
+constant after warm-up, as in the paper, so a longer run extends the same curve). From --halve-lr-at
+on, every cell continues at half the rate: the largest cell's stable rate falls as it trains.
 """
 import argparse
 import json
@@ -129,19 +130,40 @@ def judged_checkpoints(experiment: Path, eval_every: int) -> list:
     return [c for c in checkpoints if step_of(c) > 0 and step_of(c) % eval_every == 0]
 
 
+def latest_step(results: Path) -> int:
+    return max((step_of(c) for c in results.glob("*/checkpoints/*.pt")), default=0)
+
+
 def run_cell(args, size: str, patch: int, data: Path, judge: Judge, recipe: dict) -> dict:
-    """Train one cell to --steps (continuing its run), judge each checkpoint, and the last one in full."""
+    """Train one cell to --steps (continuing its run; at --lr / 2 past --halve-lr-at), judge each
+    checkpoint, and the last one in full."""
     model_name = f"DiT-{size}/{patch}"
-    experiment = train(argparse.Namespace(**{**vars(args), "model": model_name, "max_steps": args.steps}), data,
-                       args.out / "runs" / model_name.replace("/", "-"), "--ckpt-every", str(args.eval_every),
-                       "--log-every", str(math.gcd(args.log_every, args.eval_every)))  # a record at every checkpoint
+    results = args.out / "runs" / model_name.replace("/", "-")
+    halve_at = args.halve_lr_at if 0 < args.halve_lr_at < args.steps else None
+
+    def run(steps: int, lr: float, *extra: str) -> Path:
+        return train(argparse.Namespace(**{**vars(args), "model": model_name, "max_steps": steps, "lr": lr}), data,
+                     results, "--ckpt-every", str(args.eval_every),
+                     "--log-every", str(math.gcd(args.log_every, args.eval_every)), *extra)  # a record per checkpoint
+
+    if halve_at is None:
+        experiment = run(args.steps, args.lr)
+    else:
+        if latest_step(results) < halve_at:
+            run(halve_at, args.lr)
+        experiment = run(args.steps, args.lr / 2, "--allow-changed-args")
+
+    def recipe_at(step: int) -> dict:
+        """A checkpoint's evaluation depends on the halving only if the checkpoint comes after it."""
+        return {**recipe, "halve_lr_at": halve_at} if halve_at is not None and step > halve_at else recipe
+
     checkpoints = judged_checkpoints(experiment, args.eval_every)
     steps = [step_of(c) for c in checkpoints]
     if steps[-1] != args.steps:
         raise SystemExit(f"{experiment}: the last checkpoint is step {steps[-1]}, not --steps {args.steps}")
     curve = []
     for step, checkpoint in zip(steps, checkpoints):
-        point = stored(experiment / "evaluations" / f"{step:07d}.json", recipe,
+        point = stored(experiment / "evaluations" / f"{step:07d}.json", recipe_at(step),
                        lambda: judge_checkpoint(checkpoint, judge, args.curve_samples)[0])
         curve.append({"step": step, **point})
 
@@ -157,7 +179,7 @@ def run_cell(args, size: str, patch: int, data: Path, judge: Judge, recipe: dict
     loss, train_seconds = training_record(experiment)
     cell = {**cell_facts(model_name, args.image_size), "size": size, "steps": args.steps, "curve": curve,
             "loss": loss, "train_seconds": train_seconds,
-            **stored(experiment / "evaluations" / f"final-{args.steps:07d}.json", recipe, final)}
+            **stored(experiment / "evaluations" / f"final-{args.steps:07d}.json", recipe_at(args.steps), final)}
     cell["compute"] = cell["gflops"] * args.global_batch_size * args.steps * 3  # Gflop, the paper's Figure 9
     cell["samples_file"] = str(samples_file)
     print(f"[scaling] {model_name}: FD-digits {cell['fd_digits']:.1f}, accuracy {cell['accuracy']:.3f}, "
@@ -261,11 +283,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--sizes", nargs="+", default=["Pico", "Nano", "Micro"], help="DiT-<size>/<patch> models")
     parser.add_argument("--patches", nargs="+", type=int, default=[8, 4, 2])
     parser.add_argument("--image-size", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=4800)
+    parser.add_argument("--steps", type=int, default=6000)
     parser.add_argument("--eval-every", type=int, default=600, help="steps between checkpoints that are judged")
     parser.add_argument("--log-every", type=int, default=100)
     parser.add_argument("--global-batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1.5e-3, help="constant after warm-up; DiT-Micro/2 diverges at 3e-3")
+    parser.add_argument("--halve-lr-at", type=int, default=4800, help="from this step every cell trains at --lr / 2 "
+                        "(0: never); at a constant 1.5e-3 DiT-Micro/2 spikes near step 5,950")
     parser.add_argument("--warmup-steps", type=int, default=100)
     parser.add_argument("--ema-decay", type=float, default=0.995)
     parser.add_argument("--curve-samples", type=int, default=500, help="samples judged at each checkpoint")
@@ -280,8 +304,9 @@ def main(argv=None) -> dict:
     unknown = [f"DiT-{s}/{p}" for s in args.sizes for p in args.patches if f"DiT-{s}/{p}" not in DiT_models]
     if unknown:
         raise SystemExit(f"not in models.DiT_models: {', '.join(unknown)}")
-    if args.steps % args.eval_every:
-        raise SystemExit(f"--steps {args.steps} must be a multiple of --eval-every {args.eval_every}")
+    for flag, value in (("--steps", args.steps), ("--halve-lr-at", args.halve_lr_at)):
+        if value < 0 or value % args.eval_every:
+            raise SystemExit(f"{flag} {value} must be a multiple of --eval-every {args.eval_every}")
     if not 2 <= args.eval_samples <= 1000 or max(args.curve_samples, args.fid_samples) > args.eval_samples:
         raise SystemExit("--eval-samples must lie in [2, 1000] (the held-out digits), and --curve-samples and "
                          "--fid-samples not above it")

@@ -117,13 +117,21 @@ def test_scaling_experiment_smoke(tmp_path):
     assert again["table"] == result["table"]
     assert {path: path.stat().st_mtime_ns for path in evaluations} == written
 
-    longer = scaling.main([*flags, "--steps", "3"])  # training continues, and only the new step is judged
+    # Training continues, at half the rate past --halve-lr-at, and only the new step is judged.
+    longer = scaling.main([*flags, "--steps", "3", "--halve-lr-at", "2"])
     assert all([p["step"] for p in c["curve"]] == [1, 2, 3] for c in longer["cells"])
     assert all(c["curve"][:2] == old["curve"] for c, old in zip(longer["cells"], cells))
     assert {path: path.stat().st_mtime_ns for path in evaluations} == written
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["0000001.pt", "0000002.pt", "0000003.pt"]
     assert longer["cells"][0]["samples_file"].endswith("final-0000003.npz") and Path(cells[0]["samples_file"]).is_file()
     assert "Resumed from" in (run / "log.txt").read_text()
+    assert "--lr 0.0015 -> 0.00075" in (run / "log.txt").read_text()
+    steps_and_rates = [(step, torch.load(run / "checkpoints" / f"{step:07d}.pt", weights_only=False)["args"]["lr"])
+                       for step in (2, 3)]
+    assert steps_and_rates == [(2, 0.0015), (3, 0.00075)]
+    final = json.loads((run / "evaluations" / "final-0000003.json").read_text())
+    assert final["recipe"]["halve_lr_at"] == 2 and "halve_lr_at" not in json.loads(
+        (run / "evaluations" / "0000002.json").read_text())["recipe"]
 
 
 def test_scaling_training_record_adds_up_the_time_of_resumed_runs(tmp_path):
