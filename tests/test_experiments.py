@@ -133,6 +133,20 @@ def test_scaling_experiment_smoke(tmp_path):
     assert final["recipe"]["halve_lr_at"] == 2 and "halve_lr_at" not in json.loads(
         (run / "evaluations" / "0000002.json").read_text())["recipe"]
 
+    # A fresh run that crosses the halving in one call: to the halving step at --lr, then at half of it.
+    scaling.main([*flags, "--out", str(tmp_path / "fresh"), "--sizes", "Pico", "--patches", "8", "--halve-lr-at", "1"])
+    fresh = next((tmp_path / "fresh" / "runs" / "DiT-Pico-8").iterdir())
+    assert [torch.load(fresh / "checkpoints" / f"{step:07d}.pt", weights_only=False)["args"]["lr"]
+            for step in (1, 2)] == [0.0015, 0.00075]
+
+
+@pytest.mark.parametrize("flag", ["--steps", "--halve-lr-at"])
+def test_scaling_steps_must_fall_on_the_eval_grid(tmp_path, flag):
+    from experiments import scaling
+
+    with pytest.raises(SystemExit, match=f"{flag} 700 must be a multiple of --eval-every 600"):
+        scaling.main(["--out", str(tmp_path), "--steps", "1200", flag, "700"])
+
 
 def test_scaling_training_record_adds_up_the_time_of_resumed_runs(tmp_path):
     from experiments import scaling
