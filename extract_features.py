@@ -1,6 +1,7 @@
 """Encode a dataset with the VAE once, so training never runs the VAE again.
 
-    torchrun --nproc_per_node=N extract_features.py --data-path /imagenet/train --features-path features/in256
+    torchrun --nproc_per_node=N extract_features.py --data-path /imagenet/train \
+        --features-path features/in256
     torchrun --nproc_per_node=N train.py --feature-path features/in256 ...
 
 Each image is stored as its VAE posterior (mean and std) for the image and its mirror, so train.py
@@ -18,9 +19,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 
-from files import atomic_write_text
-from images import image_folder
-from latents import (
+from ditlib.errors import one_line_errors, require_positive
+from ditlib.files import atomic_write_text
+from ditlib.images import image_folder
+from ditlib.latents import (
     FEATURES_META,
     STORED_DTYPES,
     encode_posterior,
@@ -31,18 +33,20 @@ from latents import (
     vae_identity,
     vae_scale,
 )
-from processes import create_logger, distributed, require_positive, run_cli
+from ditlib.processes import create_logger, distributed
 
 
 def main(args: argparse.Namespace) -> None:
     if args.vae == "none":
-        raise ValueError("--vae none has no latents to extract; train pixel-space models with --data-path")
+        raise ValueError("--vae none has no latents to extract; train pixel-space models with "
+                         "--data-path")
     if args.image_size <= 0 or args.image_size % 8:
         raise ValueError(f"--image-size {args.image_size} must be a positive multiple of 8")
-    require_positive(args, "batch_size")
+    require_positive(batch_size=args.batch_size)
     if (Path(args.features_path) / FEATURES_META).is_file() and not args.overwrite:
-        raise ValueError(f"--features-path {args.features_path} holds a finished extraction; choose another folder, "
-                         f"or pass --overwrite to replace it (until the new one finishes, neither is usable)")
+        raise ValueError(f"--features-path {args.features_path} holds a finished extraction; "
+                         f"choose another folder, or pass --overwrite to replace it (until the new "
+                         f"one finishes, neither is usable)")
     with distributed(args.device) as (rank, world_size, device):
         extract(args, rank, world_size, device)
 
@@ -55,7 +59,8 @@ def extract(args: argparse.Namespace, rank: int, world_size: int, device: torch.
     identity = vae_identity(args.vae) if rank == 0 else None
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / FEATURES_META).unlink(missing_ok=True)  # --overwrite: the folder is incomplete until meta.json returns
+        # --overwrite: the folder is incomplete until meta.json returns
+        (out / FEATURES_META).unlink(missing_ok=True)
     dist.barrier()
     logger = create_logger(None, rank)
 
@@ -65,8 +70,9 @@ def extract(args: argparse.Namespace, rank: int, world_size: int, device: torch.
                         num_workers=args.num_workers)
     posterior_name, label_name = feature_shard_names(rank)
     tmp_posteriors = out / f".{posterior_name}.tmp.npy"
-    posteriors = np.lib.format.open_memmap(tmp_posteriors, mode="w+", dtype=STORED_DTYPES[args.dtype],
-                                           shape=(len(indices), 2, 2, channels, latent_size, latent_size))
+    shape = (len(indices), 2, 2, channels, latent_size, latent_size)
+    posteriors = np.lib.format.open_memmap(tmp_posteriors, mode="w+",
+                                           dtype=STORED_DTYPES[args.dtype], shape=shape)
     labels = np.zeros(len(indices), dtype=np.int64)
     done = 0
     for x, y in loader:
@@ -90,8 +96,9 @@ def extract(args: argparse.Namespace, rank: int, world_size: int, device: torch.
     if rank == 0:
         names = [feature_shard_names(r) for r in range(world_size)]
         meta = {
-            "image_size": args.image_size, **identity, "scale": vae_scale(vae), "channels": channels,
-            "latent_size": latent_size, "num_classes": len(dataset.classes), "classes": dataset.classes,
+            "image_size": args.image_size, **identity, "scale": vae_scale(vae),
+            "channels": channels, "latent_size": latent_size,
+            "num_classes": len(dataset.classes), "classes": dataset.classes,
             "dtype": args.dtype,
             "num_images": len(dataset),
             "shards": [{"posteriors": posteriors, "labels": labels, "count": count}
@@ -105,18 +112,22 @@ def extract(args: argparse.Namespace, rank: int, world_size: int, device: torch.
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Pre-extract VAE latents of an ImageFolder for train.py --feature-path.")
-    parser.add_argument("--data-path", type=str, default=None, help="ImageFolder root: one sub-folder per class")
+    parser.add_argument("--data-path", type=str, default=None,
+                        help="ImageFolder root: one sub-folder per class")
     parser.add_argument("--features-path", type=str, default="features", help="output folder")
     parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--vae", type=str, default="ema", help="ema | mse | local AutoencoderKL folder")
+    parser.add_argument("--vae", type=str, default="ema",
+                        help="ema | mse | local AutoencoderKL folder")
     parser.add_argument("--batch-size", type=int, default=32, help="images per process per step")
     parser.add_argument("--dtype", choices=list(STORED_DTYPES), default="float32",
                         help="how the posteriors are stored (float16/bfloat16: half the disk)")
     parser.add_argument("--num-workers", type=int, default=4)
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
-    parser.add_argument("--overwrite", action="store_true", help="replace a finished extraction in --features-path")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a finished extraction in --features-path")
     return parser.parse_args(argv)
 
 
 if __name__ == "__main__":
-    run_cli(main, parse_args())
+    with one_line_errors():
+        main(parse_args())

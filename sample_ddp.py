@@ -5,9 +5,9 @@
 As the official script: per-rank seeds, image i*world + rank + total, oversampling to a multiple of
 the global batch, `arr_0` (N, H, W, 3) uint8. Also: CPU/gloo, the labels as `arr_1`, DDIM, and
 resumption: a rerun skips batches whose PNGs are all there and readable, advancing the generator
-exactly as sampling them would, so the result is byte-identical to an uninterrupted run. The folder's
-meta.json records everything that determines its images; a rerun with other settings is refused
-(naming what differs) unless --overwrite, so one .npz never mixes images of two runs.
+exactly as sampling them would, so the result is byte-identical to an uninterrupted run. The
+folder's meta.json records everything that determines its images; a rerun with other settings is
+refused (naming what differs) unless --overwrite, so one .npz never mixes images of two runs.
 """
 import argparse
 import json
@@ -23,13 +23,15 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from download import PRETRAINED_MODELS
-from files import atomic_write, file_digest, format_bytes, remove_stale_temporaries
-from images import readable_png, save_png, to_uint8_images
-from latents import decode
-from processes import add_device_flags, distributed, rank_zero_decides, require_positive, run_cli
-from sampling import NoNetwork, Sampler, add_sampler_flags, generate, guidance_interval, sampler_from_flags
-from weights import add_model_flags, load_model_for_sampling
+from ditlib.command_line import add_device_flags, add_model_flags, add_sampler_flags, settings_from
+from ditlib.errors import one_line_errors, require_positive
+from ditlib.files import atomic_write, file_digest, format_bytes, remove_stale_temporaries
+from ditlib.images import readable_png, save_png, to_uint8_images
+from ditlib.latents import decode
+from ditlib.pretrained import PRETRAINED_MODELS
+from ditlib.processes import distributed, rank_zero_decides
+from ditlib.samplers import NoNetwork, SamplingSettings, generate
+from ditlib.weights import ModelConfig, ModelSource, load_model_for_sampling
 
 SAMPLES_META = "meta.json"
 # Raise when a change to the sampling code changes the images that the same settings give, so
@@ -37,25 +39,27 @@ SAMPLES_META = "meta.json"
 SAMPLER_VERSION = 1
 
 
-def sample_settings(args: argparse.Namespace, config: dict, world_size: int, device: torch.device) -> dict:
+def sample_settings(args: argparse.Namespace, config: ModelConfig, world_size: int,
+                    device: torch.device) -> dict:
     """Everything that decides which image lands under which index (--num-fid-samples only decides
     how many): the weights by content, the model, the sampler and its options, the random streams
     (seed, world size, batch, device), TF32, and the versions of the code."""
-    vae = config["vae"] if config["vae"] in ("ema", "mse", "none") else str(Path(config["vae"]).resolve())
+    vae = config.vae if config.vae in ("ema", "mse", "none") else str(Path(config.vae).resolve())
     local = args.ckpt is not None and not official_name(args.ckpt)
     return {
         "checkpoint_sha256": file_digest(args.ckpt) if local else None,
-        "pretrained": None if local else f"DiT-XL-2-{config['image_size']}x{config['image_size']}.pt",
-        "weights": args.weights, "model": config["model"], "block": config["block"],
-        "image_size": config["image_size"], "num_classes": config["num_classes"], "vae": vae,
+        "pretrained": None if local else f"DiT-XL-2-{config.image_size}x{config.image_size}.pt",
+        "weights": args.weights, "model": config.model, "block": config.block,
+        "image_size": config.image_size, "num_classes": config.num_classes, "vae": vae,
         "sampler": args.sampler, "num_sampling_steps": args.num_sampling_steps,
         "eta": args.eta if args.sampler == "ddim" else None, "cfg_scale": args.cfg_scale,
-        "cfg_interval": list(guidance_interval(args) or []) or None, "cfg_channels": args.cfg_channels,
-        "label_sampling": args.label_sampling,
-        "global_seed": args.global_seed, "world_size": world_size, "per_proc_batch_size": args.per_proc_batch_size,
+        "cfg_interval": list(settings_from(SamplingSettings, vars(args)).interval() or []) or None,
+        "cfg_channels": args.cfg_channels,
+        "label_sampling": args.label_sampling, "global_seed": args.global_seed,
+        "world_size": world_size, "per_proc_batch_size": args.per_proc_batch_size,
         "device": device.type, "tf32": args.tf32 if device.type == "cuda" else None,
-        "sampler_version": SAMPLER_VERSION, "torch": torch.__version__, "diffusers": diffusers.__version__,
-        "timm": timm.__version__,
+        "sampler_version": SAMPLER_VERSION, "torch": torch.__version__,
+        "diffusers": diffusers.__version__, "timm": timm.__version__,
     }
 
 
@@ -75,15 +79,16 @@ def prepare_sample_folder(folder: Path, settings: dict, overwrite: bool, started
             path.unlink(missing_ok=True)
     elif meta_path.is_file():
         saved = json.loads(meta_path.read_text())
-        differences = [f"{key} {saved.get(key)!r} there, {value!r} now" for key, value in settings.items()
-                       if saved.get(key) != value]
+        differences = [f"{key} {saved.get(key)!r} there, {value!r} now"
+                       for key, value in settings.items() if saved.get(key) != value]
         if differences:
-            raise ValueError(f"{folder} holds images sampled with other settings ({'; '.join(differences)}); "
-                             f"rerun with --overwrite to delete them and start again, or choose another --sample-dir")
+            raise ValueError(f"{folder} holds images sampled with other settings "
+                             f"({'; '.join(differences)}); rerun with --overwrite to delete them "
+                             f"and start again, or choose another --sample-dir")
     elif any(folder.glob("*.png")):
-        raise ValueError(f"{folder} holds PNGs but no {SAMPLES_META} saying how they were made (an earlier version or "
-                         f"another script wrote them); rerun with --overwrite to delete them, or choose another "
-                         f"--sample-dir")
+        raise ValueError(f"{folder} holds PNGs but no {SAMPLES_META} saying how they were made "
+                         f"(an earlier version or another script wrote them); rerun with "
+                         f"--overwrite to delete them, or choose another --sample-dir")
     folder.mkdir(parents=True, exist_ok=True)
     if not meta_path.is_file():
         with atomic_write(meta_path) as handle:
@@ -102,52 +107,62 @@ def balanced_labels(count: int, num_classes: int, seed: int) -> torch.Tensor:
 
 
 def create_npz_from_sample_folder(sample_dir: Path, num: int, labels: np.ndarray) -> Path:
-    """Stack {0..num-1}.png into arr_0 (N, H, W, 3) uint8 and the labels into arr_1; write atomically."""
+    """Stack {0..num-1}.png into arr_0 (N, H, W, 3) uint8 and the labels into arr_1, atomically."""
     missing = [i for i in range(num) if not (sample_dir / f"{i:06d}.png").is_file()]
     if missing:
-        raise RuntimeError(f"{len(missing)} of {num} PNGs are missing from {sample_dir} (first: {missing[0]:06d}.png)")
-    samples = np.stack([np.asarray(Image.open(sample_dir / f"{i:06d}.png")) for i in tqdm(range(num), desc="npz")])
-    if samples.shape[0] != num or samples.ndim != 4 or samples.shape[3] != 3 or samples.dtype != np.uint8:
-        raise RuntimeError(f"expected {num} RGB uint8 images, got an array of {samples.shape} {samples.dtype}")
+        raise RuntimeError(f"{len(missing)} of {num} PNGs are missing from {sample_dir} (first: "
+                           f"{missing[0]:06d}.png)")
+    samples = np.stack([np.asarray(Image.open(sample_dir / f"{i:06d}.png"))
+                        for i in tqdm(range(num), desc="npz")])
+    if samples.shape != (num, *samples.shape[1:3], 3) or samples.dtype != np.uint8:
+        raise RuntimeError(f"expected {num} RGB uint8 images, got an array of {samples.shape} "
+                           f"{samples.dtype}")
     npz_path = sample_dir.with_name(sample_dir.name + ".npz")
     with atomic_write(npz_path, expected_bytes=samples.nbytes + 8 * num) as handle:
         np.savez(handle, arr_0=samples, arr_1=labels[:num])
-    print(f"Saved .npz file to {npz_path} [arr_0 shape={samples.shape}, arr_1 shape={labels[:num].shape}]")
+    print(f"Saved .npz file to {npz_path} [arr_0 shape={samples.shape}, "
+          f"arr_1 shape={labels[:num].shape}]")
     return npz_path
 
 
 def main(args: argparse.Namespace) -> None:
-    sampler = sampler_from_flags(args, min_cfg_scale=1.0)  # the official script asserts cfg-scale >= 1
-    require_positive(args, "per_proc_batch_size", "num_fid_samples")
+    settings = settings_from(SamplingSettings, vars(args))
+    settings.build(min_cfg_scale=1.0)  # checked first; the official script asserts cfg-scale >= 1
+    require_positive(per_proc_batch_size=args.per_proc_batch_size,
+                     num_fid_samples=args.num_fid_samples)
     with distributed(args.device) as (rank, world_size, device):
-        sample(args, sampler, rank, world_size, device)
+        sample(args, settings, rank, world_size, device)
 
 
 @torch.no_grad()
-def sample(args: argparse.Namespace, sampler: Sampler, rank: int, world_size: int, device: torch.device) -> None:
-    # As the official script: --tf32 sets the matmul flag only; cuDNN keeps PyTorch's default (TF32 on).
+def sample(args: argparse.Namespace, settings: SamplingSettings, rank: int, world_size: int,
+           device: torch.device) -> None:
+    # As the official script: --tf32 sets the matmul flag only; cuDNN keeps its default (TF32 on).
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     started = time.time()
     seed = args.global_seed * world_size + rank
     torch.manual_seed(seed)
 
-    model, vae, config = load_model_for_sampling(args, device, default_vae="ema")
+    sampler = settings.build(min_cfg_scale=1.0)
+    source = settings_from(ModelSource, vars(args))
+    model, vae, config = load_model_for_sampling(source, device, default_vae="ema")
     channels, latent_size = model.in_channels, model.input_size
 
-    model_string_name = config["model"].replace("/", "-")
+    model_string_name = config.model.replace("/", "-")
     ckpt_string_name = Path(args.ckpt).stem if args.ckpt else "pretrained"
-    vae_name = Path(config["vae"]).name if config["vae"] not in ("ema", "mse", "none") else config["vae"]
-    interval = guidance_interval(args)
-    # The official name, then what our additions change (the other settings are told apart by meta.json).
-    folder_name = (f"{model_string_name}-{ckpt_string_name}-size-{config['image_size']}-vae-{vae_name}-"
-                   f"cfg-{args.cfg_scale}-seed-{args.global_seed}"
+    vae_name = Path(config.vae).name if config.vae not in ("ema", "mse", "none") else config.vae
+    interval = settings.interval()
+    # The official name, then what our additions change (meta.json tells the other settings apart).
+    folder_name = (f"{model_string_name}-{ckpt_string_name}-size-{config.image_size}-"
+                   f"vae-{vae_name}-cfg-{args.cfg_scale}-seed-{args.global_seed}"
                    + ("" if args.sampler == "ddpm" else f"-{args.sampler}")
                    + ("" if args.cfg_channels == "3" else "-cfg-all-channels")
                    + ("" if args.label_sampling == "random" else "-equal-labels")
                    + (f"-interval-{interval[0]}-{interval[1]}" if interval else ""))
     sample_folder_dir = Path(args.sample_dir) / folder_name
-    settings = sample_settings(args, config, world_size, device) if rank == 0 else None
-    rank_zero_decides(rank, lambda: prepare_sample_folder(sample_folder_dir, settings, args.overwrite, started))
+    meta = sample_settings(args, config, world_size, device) if rank == 0 else None
+    rank_zero_decides(rank, lambda: prepare_sample_folder(sample_folder_dir, meta, args.overwrite,
+                                                          started))
     if rank == 0:
         print(f"Saving .png samples at {sample_folder_dir}")
 
@@ -158,7 +173,7 @@ def sample(args: argparse.Namespace, sampler: Sampler, rank: int, world_size: in
         print(f"Total number of images that will be sampled: {total_samples}")
     iterations = total_samples // world_size // n
     stand_in = NoNetwork(model.num_classes, model.out_channels)
-    balanced = balanced_labels(args.num_fid_samples, config["num_classes"], args.global_seed)
+    balanced = balanced_labels(args.num_fid_samples, config.num_classes, args.global_seed)
     labels_by_index = {}
     skipped = 0
     total = 0
@@ -166,18 +181,18 @@ def sample(args: argparse.Namespace, sampler: Sampler, rank: int, world_size: in
         noise = torch.randn(n, channels, latent_size, latent_size, device=device)
         indices = [i * world_size + rank + total for i in range(n)]
         if args.label_sampling == "equal":
-            labels = torch.tensor([int(balanced[i]) if i < len(balanced) else i % config["num_classes"]
+            labels = torch.tensor([int(balanced[i]) if i < len(balanced) else i % config.num_classes
                                    for i in indices], device=device)
         else:  # as the official script: drawn per batch from the rank's generator
-            labels = torch.randint(0, config["num_classes"], (n,), device=device)
+            labels = torch.randint(0, config.num_classes, (n,), device=device)
         paths = [sample_folder_dir / f"{index:06d}.png" for index in indices]
         if all(readable_png(path) for path in paths):
-            # Draw exactly what sampling this batch draws (the ODE solvers and the interval draw nothing).
+            # Draw exactly what sampling this batch draws (ODE solvers and the interval draw none).
             generate(stand_in, sampler, noise, labels, args.cfg_scale, interval=interval)
             skipped += n
         else:
-            latents = generate(model, sampler, noise, labels, args.cfg_scale, interval=interval, pixels=vae is None,
-                               guide_all_channels=args.cfg_channels == "all")
+            latents = generate(model, sampler, noise, labels, args.cfg_scale, interval=interval,
+                               pixels=vae is None, guide_all_channels=settings.guide_all_channels)
             for array, path in zip(to_uint8_images(decode(vae, latents)), paths):
                 save_png(array, path)
         labels_by_index.update(zip(indices, labels.tolist()))
@@ -189,7 +204,8 @@ def sample(args: argparse.Namespace, sampler: Sampler, rank: int, world_size: in
     dist.all_gather_object(skipped_counts, skipped)
     if rank == 0:
         if sum(skipped_counts):
-            print(f"Kept {sum(skipped_counts)} existing samples, drew {total_samples - sum(skipped_counts)} new ones")
+            print(f"Kept {sum(skipped_counts)} existing samples, drew "
+                  f"{total_samples - sum(skipped_counts)} new ones")
         merged = {index: label for part in gathered for index, label in part.items()}
         labels_array = np.array([merged[i] for i in range(total_samples)], dtype=np.int64)
         create_npz_from_sample_folder(sample_folder_dir, args.num_fid_samples, labels_array)
@@ -198,23 +214,25 @@ def sample(args: argparse.Namespace, sampler: Sampler, rank: int, world_size: in
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Sample a folder of PNGs and an FID .npz with DDP.")
+    parser = argparse.ArgumentParser(description="Sample PNGs and an FID .npz with DDP.")
     add_model_flags(parser, default_vae="ema")
     add_sampler_flags(parser, cfg_scale=1.5)
-    add_device_flags(parser, tf32_help="TF32 matmuls on Ampere+ GPUs (faster, barely changes FID); cuDNN's own "
-                                       "flag is left alone, as in the official script")
+    add_device_flags(parser, tf32_help="TF32 matmuls on Ampere+ GPUs (faster, barely changes FID); "
+                                       "cuDNN's own flag is left alone, as in the official script")
     output = parser.add_argument_group("output")
     output.add_argument("--sample-dir", type=str, default="samples")
     output.add_argument("--per-proc-batch-size", type=int, default=32)
     output.add_argument("--num-fid-samples", type=int, default=50_000)
     output.add_argument("--global-seed", type=int, default=0)
     output.add_argument("--label-sampling", choices=["random", "equal"], default="random",
-                        help="random: each label drawn uniformly, as the official script; equal: exactly "
-                             "N/num_classes images of every class (lowers FID-50K by about 0.1, per RAE)")
+                        help="random: each label drawn uniformly, as the official script; "
+                             "equal: exactly N/num_classes images of every class (lowers FID-50K "
+                             "by about 0.1, per RAE)")
     output.add_argument("--overwrite", action="store_true",
-                        help="delete the folder's images, meta.json and .npz first, and start again")
+                        help="delete the folder's images, meta.json and .npz first; start again")
     return parser.parse_args(argv)
 
 
 if __name__ == "__main__":
-    run_cli(main, parse_args())
+    with one_line_errors():
+        main(parse_args())

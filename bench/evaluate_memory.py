@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from bench.harness import ROOT, machine, markdown
-from metrics import fid_helper_network
+from ditlib.metrics import fid_helper_network
 
 
 def worker(npz: str, network: str, batch_size: str) -> None:

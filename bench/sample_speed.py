@@ -13,8 +13,8 @@ import argparse
 import torch
 
 from bench.harness import machine, markdown, random_weights, spread, timed
+from ditlib.samplers import Sampler
 from models import DiT_models
-from sampling import Sampler
 
 RUNS = [("ddpm", 250), ("ddim", 50)]
 

@@ -23,8 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ditlib.command_line import settings_from
+from ditlib.images import to_uint8_images
+from ditlib.metrics import evaluate, image_features
 from experiments.digits import (
     ROOT,
+    Recipe,
     accuracy,
     add_recipe_flags,
     as_model_input,
@@ -40,8 +44,6 @@ from experiments.digits import (
     train_classifier,
     write_image_folder,
 )
-from images import to_uint8_images
-from metrics import evaluate, image_features
 
 
 def main() -> None:
@@ -57,9 +59,9 @@ def main() -> None:
     print(f"[demo] {len(digits)} real MNIST digits as an ImageFolder in {data}", flush=True)
 
     trained = time.time()
-    experiment = train(args, data, args.out / "runs", "--log-every", "100", "--sample-every",
-                       str(max(args.max_steps // 2, 1)), "--sample-grid-size", "100", "--sample-steps",
-                       str(args.sample_steps), "--sample-cfg-scale", str(args.cfg_scale))
+    experiment = train(settings_from(Recipe, vars(args)), data, args.out / "runs", "--log-every", "100",
+                       "--sample-every", str(max(args.max_steps // 2, 1)), "--sample-grid-size", "100",
+                       "--sample-steps", str(args.sample_steps), "--sample-cfg-scale", str(args.cfg_scale))
     train_seconds = time.time() - trained
     checkpoint = final_checkpoint(experiment)
     speed = [json.loads(line) for line in (experiment / "metrics.jsonl").read_text().splitlines()]

@@ -15,8 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ditlib.command_line import settings_from
+from ditlib.images import to_uint8_images
+from ditlib.metrics import evaluate, image_features
 from experiments.digits import (
     ROOT,
+    Recipe,
     accuracy,
     add_recipe_flags,
     as_model_input,
@@ -31,8 +35,6 @@ from experiments.digits import (
     train_classifier,
     write_image_folder,
 )
-from images import to_uint8_images
-from metrics import evaluate, image_features
 from models import BLOCK_DESIGNS
 
 
@@ -74,8 +76,8 @@ def main() -> None:
 
     rows, curves = [], {}
     for design in args.designs:
-        experiment = train(args, data, args.out / "runs" / design, "--block", design, "--log-every",
-                           str(args.log_every))
+        experiment = train(settings_from(Recipe, vars(args)), data, args.out / "runs" / design, "--block", design,
+                           "--log-every", str(args.log_every))
         records = [json.loads(line) for line in (experiment / "metrics.jsonl").read_text().splitlines()]
         records = [r for r in records if "loss" in r]
         curves[design] = ([r["step"] for r in records], [r["loss"] for r in records])

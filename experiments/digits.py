@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from images import center_crop_arr
-from metrics import (
+from ditlib.images import center_crop_arr
+from ditlib.metrics import (
     InceptionNetwork,
     extract,
     fid_helper_network,
@@ -26,8 +27,8 @@ from metrics import (
     save_statistics,
     statistics,
 )
-from sampling import Sampler, generate
-from weights import load_model_for_sampling
+from ditlib.samplers import Sampler, generate
+from ditlib.weights import ModelSource, load_model_for_sampling
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,9 +111,7 @@ def digit_distance(net: nn.Module, images: torch.Tensor, reference: torch.Tensor
 
 def load_digit_model(checkpoint: Path):
     """The EMA weights of a pixel-space digit checkpoint, with the flags it was trained with."""
-    flags = argparse.Namespace(ckpt=str(checkpoint), weights="ema", model=None, image_size=None, num_classes=None,
-                               vae=None, block=None)
-    model, _, _ = load_model_for_sampling(flags, torch.device("cpu"), default_vae="none")
+    model, _, _ = load_model_for_sampling(ModelSource(ckpt=str(checkpoint)), torch.device("cpu"), default_vae="none")
     return model
 
 
@@ -133,6 +132,19 @@ def draw(model, sampler: str, steps: int, interval, cfg_scale: float, labels: to
     return torch.cat(samples), time.time() - started
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """How a digit model is trained (the fields are add_recipe_flags' flags): the demo's recipe by default."""
+    model: str = "DiT-Nano/4"
+    image_size: int = 16
+    max_steps: int = 5000
+    global_batch_size: int = 64
+    lr: float = 3e-3
+    warmup_steps: int = 100
+    ema_decay: float = 0.995
+    nproc: int = 2
+
+
 def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
     """The training recipe (measured on 2 cores; see README) that the demo and the ablation share."""
     parser.add_argument("--model", default="DiT-Nano/4")
@@ -151,9 +163,10 @@ def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
                              "two-thread process")
 
 
-def train(args: argparse.Namespace, data: Path, results: Path, *extra: str) -> Path:
+def train(recipe: Recipe, data: Path, results: Path, *extra: str) -> Path:
     """Run train.py with the recipe, under torchrun for more than one process (continuing an
     unfinished run); returns its experiment folder."""
+    args = recipe
     launcher = ["-m", "torch.distributed.run", "--standalone",
                 f"--nproc_per_node={args.nproc}"] if args.nproc > 1 else []
     command = [

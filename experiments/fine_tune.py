@@ -12,12 +12,17 @@ Each training run continues if interrupted; writes fine_tune.json and fine_tune.
 """
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from ditlib.command_line import settings_from
+from ditlib.images import to_uint8_images
+from ditlib.metrics import evaluate, image_features
 from experiments.digits import (
     ROOT,
+    Recipe,
     accuracy,
     add_recipe_flags,
     as_model_input,
@@ -32,8 +37,6 @@ from experiments.digits import (
     train_classifier,
     write_image_folder,
 )
-from images import to_uint8_images
-from metrics import evaluate, image_features
 
 
 def judge(checkpoint: Path, classifier, network, reference: dict, per_class: int, cfg_scale: float) -> dict:
@@ -63,9 +66,10 @@ def main(argv=None) -> dict:
     first_half = write_image_folder(digits[low], labels[low], args.out / "mnist-0-4")
     everything = write_image_folder(digits, labels, args.out / "mnist")
 
-    recipe = argparse.Namespace(**{**vars(args), "max_steps": args.pretrain_steps})
-    pretrained = final_checkpoint(train(recipe, first_half, args.out / "pretrain", "--num-classes", "5"))
-    recipe.max_steps = args.steps
+    recipe = settings_from(Recipe, vars(args))
+    pretrained = final_checkpoint(train(replace(recipe, max_steps=args.pretrain_steps), first_half,
+                                        args.out / "pretrain", "--num-classes", "5"))
+    recipe = replace(recipe, max_steps=args.steps)
     runs = {"fine-tuned from 0-4": final_checkpoint(train(recipe, everything, args.out / "fine-tune",
                                                           "--init-from", str(pretrained))),
             "from scratch": final_checkpoint(train(recipe, everything, args.out / "scratch"))}

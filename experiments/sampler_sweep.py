@@ -16,8 +16,13 @@ from pathlib import Path
 
 import torch
 
+from ditlib.command_line import settings_from
+from ditlib.images import to_uint8_images
+from ditlib.metrics import evaluate, image_features
+from ditlib.samplers import Sampler
 from experiments.digits import (
     ROOT,
+    Recipe,
     accuracy,
     add_recipe_flags,
     as_model_input,
@@ -32,9 +37,6 @@ from experiments.digits import (
     train_classifier,
     write_image_folder,
 )
-from images import to_uint8_images
-from metrics import evaluate, image_features
-from sampling import Sampler
 
 # sampler:steps[:LO-HI guidance interval]. Network evaluations per sample: one a step (each a doubled
 # batch when guided); DDPM and DDIM are the IDDPM loops, dpm++ and unipc diffusers' solvers.
@@ -106,7 +108,8 @@ def main(argv=None) -> dict:
     checkpoint = args.ckpt
     if checkpoint is None:
         data = write_image_folder(digits, labels, args.out / "mnist")
-        checkpoint = final_checkpoint(train(args, data, args.out / "runs", "--log-every", "100"))
+        recipe = settings_from(Recipe, vars(args))
+        checkpoint = final_checkpoint(train(recipe, data, args.out / "runs", "--log-every", "100"))
     model = load_digit_model(checkpoint)
     real, targets, train_part, _ = real_digits(model.input_size)
     classifier = train_classifier(as_model_input(real[train_part]), targets[train_part])

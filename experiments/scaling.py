@@ -23,13 +23,20 @@ on, every cell continues at half the rate: the largest cell's stable rate falls 
 import argparse
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ditlib.command_line import settings_from
+from ditlib.files import atomic_write, atomic_write_text
+from ditlib.images import to_uint8_images
+from ditlib.metrics import frechet_distance, image_features
+from ditlib.runs import step_of
 from experiments.digits import (
     ROOT,
+    Recipe,
     accuracy,
     as_model_input,
     digit_distance,
@@ -43,11 +50,7 @@ from experiments.digits import (
     train_classifier,
     write_image_folder,
 )
-from files import atomic_write, atomic_write_text
-from images import to_uint8_images
-from metrics import frechet_distance, image_features
 from models import DiT_models, count_forward_gmacs
-from runs import step_of
 
 SAMPLER, SAMPLER_STEPS = "dpm++", 20
 # The recipe flags every cell shares; a stored evaluation counts only under the same recipe (--steps aside).
@@ -68,11 +71,11 @@ class Judge:
     """What every sample set is measured with: the digit CNN, its reference digits and floors, and
     (built on first use, it is the slow part) Inception-v3 with its reference statistics."""
 
-    def __init__(self, args):
-        self.cache_dir = args.out
-        self.real, self.targets, train_part, self.held_out = real_digits(args.image_size)
+    def __init__(self, image_size: int, reference: int, cache_dir: Path):
+        self.cache_dir = cache_dir
+        self.real, self.targets, train_part, self.held_out = real_digits(image_size)
         self.classifier = train_classifier(as_model_input(self.real[train_part]), self.targets[train_part])
-        self.fit_digits = train_part[: args.reference]
+        self.fit_digits = train_part[:reference]
         self.reference = as_model_input(self.real[self.fit_digits])
         self.inception = None
 
@@ -142,7 +145,7 @@ def run_cell(args, size: str, patch: int, data: Path, judge: Judge, recipe: dict
     halve_at = args.halve_lr_at if 0 < args.halve_lr_at < args.steps else None
 
     def run(steps: int, lr: float, *extra: str) -> Path:
-        return train(argparse.Namespace(**{**vars(args), "model": model_name, "max_steps": steps, "lr": lr}), data,
+        return train(replace(settings_from(Recipe, vars(args)), model=model_name, max_steps=steps, lr=lr), data,
                      results, "--ckpt-every", str(args.eval_every),
                      "--log-every", str(math.gcd(args.log_every, args.eval_every)), *extra)  # a record per checkpoint
 
@@ -317,7 +320,7 @@ def main(argv=None) -> dict:
         digits, labels = digits[keep], labels[keep]
     data = write_image_folder(digits, labels, args.out / "mnist")
     recipe = {k: getattr(args, k) for k in RECIPE}
-    judge = Judge(args)
+    judge = Judge(args.image_size, args.reference, args.out)
 
     cells = [run_cell(args, size, patch, data, judge, recipe) for size in args.sizes for patch in args.patches]
 

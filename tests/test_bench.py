@@ -21,3 +21,11 @@ def test_bench_script_smoke(script, heading):
     assert heading in result.stdout
     table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
     assert len(table) >= 3 and all("nan" not in line for line in table)
+
+
+def test_design_table_prices_cross_attention():
+    result = run_script("bench.model_table", "--designs", "--markdown")
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| DiT-")]
+    assert [row[1].strip() for row in rows[:4]] == ["adaln-zero", "adaln", "cross-attention", "in-context"]
+    assert rows[2][0].strip() == "DiT-S/2" and rows[2][4].strip() == "+15.0%"  # cross-attention's extra cost at S/2
+    assert [row[5].strip() for row in rows if row[0].strip() == "DiT-XL/2"] == ["118.6", "118.6", "137.6", "119.4"]

@@ -1,4 +1,4 @@
-"""checkpoints.py: official train.py checkpoints load everywhere, pickled code is refused, and damaged
+"""ditlib/checkpoints.py: official train.py checkpoints load everywhere, pickled code is refused, and damaged
 files are told apart from I/O errors."""
 import errno
 import os
@@ -10,7 +10,7 @@ import torch
 from helpers import DEVICE, PIXEL, digest, make_image_folder, only_experiment, run_main
 
 import download
-from checkpoints import DamagedCheckpoint, read_checkpoint
+from ditlib.checkpoints import DamagedCheckpoint, read_checkpoint
 from models import DiT_models
 
 pytestmark = pytest.mark.device  # on CUDA when present: see helpers.DEVICE
@@ -31,7 +31,6 @@ def test_official_train_checkpoints_load_everywhere(tmp_path, trained_checkpoint
     import sample
     import sample_ddp
     import train
-    from convert_diffusers import export_command
     official_path = official_checkpoint(trained_checkpoint, tmp_path / "0050000.pt")
     ours = torch.load(trained_checkpoint, weights_only=True)
     # find_model takes the EMA, as the official find_model does.
@@ -48,9 +47,7 @@ def test_official_train_checkpoints_load_everywhere(tmp_path, trained_checkpoint
                                            "--num-sampling-steps", "2", *common[:2], "--device", DEVICE]))
     with np.load(next((tmp_path / "samples").glob("*.npz"))) as npz:
         assert npz["arr_0"].shape == (2, 32, 32, 3)
-    import argparse
-    export_command(argparse.Namespace(ckpt=str(official_path), out=str(tmp_path / "exported"), model=None,
-                                      image_size=None, num_classes=None, vae=None, weights="ema", block=None))
+    run_main("convert_diffusers.py", "export", "--ckpt", official_path, "--out", tmp_path / "exported")
     assert (tmp_path / "exported" / "config.json").is_file()
     # train.py cannot resume it exactly, and says so in one line.
     data = make_image_folder(tmp_path / "images")

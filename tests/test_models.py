@@ -1,11 +1,21 @@
-"""models.py: configs, complexity, initialisation, dtypes, checkpointing and input validation."""
+"""models.py: configs, complexity, initialisation, dtypes, checkpointing, input validation, and the
+paper's four conditioning designs (shapes, init, guidance, dropout, Gflops, training)."""
 import math
 
 import pytest
 import torch
 
-from bench.model_table import PAPER_GFLOPS_256 as PAPER_GFLOPS
-from models import DiT, DiT_models, count_forward_gmacs, get_2d_sincos_pos_embed
+from diffusion import create_diffusion
+from ditlib.weights import block_design
+from models import BLOCK_DESIGNS, DiT, DiT_models, count_forward_gmacs, get_2d_sincos_pos_embed
+
+# Peebles & Xie, Table 4: forward Gflops at 256x256.
+PAPER_GFLOPS = {
+    "DiT-S/8": 0.36, "DiT-S/4": 1.41, "DiT-S/2": 6.06, "DiT-B/8": 1.42, "DiT-B/4": 5.56, "DiT-B/2": 23.01,
+    "DiT-L/8": 5.01, "DiT-L/4": 19.70, "DiT-L/2": 80.71, "DiT-XL/8": 7.39, "DiT-XL/4": 29.05, "DiT-XL/2": 118.64,
+}
+# The block-design figure of the paper (Figure 5 legend): DiT-XL/2 at 256px.
+PAPER_XL2_DESIGN_GFLOPS = {"adaln-zero": 118.6, "adaln": 118.6, "cross-attention": 137.6, "in-context": 119.4}
 
 # The paper's model sizes: 33M / 130M / 458M / 675M parameters (the /8 variants carry a larger
 # patch projection, up to 0.7% more).
@@ -160,8 +170,9 @@ def test_forward_with_cfg_guides_three_channels_by_default():
     torch.testing.assert_close(everything[:, 4:], raw[:, 4:])
 
 
-def test_gradient_checkpointing_changes_nothing():
-    model = randomized(DiT(**TINY)).train()
+@pytest.mark.parametrize("block", BLOCK_DESIGNS)
+def test_gradient_checkpointing_changes_nothing(block):
+    model = randomized(DiT(**TINY, block=block)).train()
     x, t, y = tiny_inputs()
 
     def run():
@@ -178,7 +189,7 @@ def test_gradient_checkpointing_changes_nothing():
     assert plain_grads.keys() == ckpt_grads.keys()
     for name in plain_grads:
         assert torch.equal(plain_grads[name], ckpt_grads[name]), name
-    assert DiT(**TINY, gradient_checkpointing=True).gradient_checkpointing
+    assert DiT(**TINY, block=block, gradient_checkpointing=True).gradient_checkpointing
 
 
 def test_bf16_model_and_autocast_close_to_fp32():
@@ -243,3 +254,95 @@ def test_other_input_sizes_and_pixel_space():
     out = model(torch.randn(2, 3, 12, 12), torch.tensor([1, 2]), torch.tensor([0, 5]))
     assert out.shape == (2, 6, 12, 12)
     assert count_forward_gmacs(meta_model("DiT-XL/2", 64)) > 4 * 118.6  # 512px: 4x tokens, more attention
+
+
+@pytest.mark.parametrize("block", BLOCK_DESIGNS)
+def test_shapes_and_init(block):
+    torch.manual_seed(0)
+    model = DiT(**TINY, block=block).eval()
+    out = model(*tiny_inputs())
+    assert out.shape == (4, 8, 8, 8)
+    # adaLN-Zero starts as the zero function; the other designs start as ordinary networks.
+    assert (out.abs().max() == 0) == (block == "adaln-zero")
+    assert block_design(model.state_dict()) == block
+
+
+def test_each_design_has_its_own_layout():
+    assert DiT(**TINY).block == "adaln-zero"  # the official layout (test_xl2_checkpoint_layout) is the default
+    adaln = DiT(**TINY, block="adaln").state_dict()
+    assert adaln["blocks.0.adaLN_modulation.1.weight"].shape == (4 * 64, 64)  # shift, scale; no gates
+    cross = DiT(**TINY, block="cross-attention").state_dict()
+    assert "blocks.0.cross_attn.kv.weight" in cross and "final_layer.adaLN_modulation.1.weight" not in cross
+    in_context = DiT(**TINY, block="in-context").state_dict()
+    assert not any("adaLN" in k or "cross_attn" in k for k in in_context)
+    with pytest.raises(ValueError, match="block must be one of adaln-zero, adaln, cross-attention, in-context"):
+        DiT(**TINY, block="film")
+
+
+@pytest.mark.parametrize("block", BLOCK_DESIGNS)
+def test_outputs_depend_on_timestep_and_label(block):
+    torch.manual_seed(0)
+    model = DiT(**TINY, block=block).eval()
+    with torch.no_grad():  # adaLN-Zero needs non-zero modulation before the inputs can matter
+        for name, p in model.named_parameters():
+            if "adaLN" in name or "final_layer.linear" in name:
+                p.normal_(0, 0.05)
+    x, t, y = tiny_inputs()
+    out = model(x, t, y)
+    assert not torch.allclose(out, model(x, (t + 500) % 1000, y))
+    assert not torch.allclose(out, model(x, t, (y + 1) % 10))
+
+
+@pytest.mark.parametrize("block", BLOCK_DESIGNS)
+def test_guidance_and_label_dropout(block):
+    torch.manual_seed(0)
+    model = DiT(**TINY, block=block, class_dropout_prob=0.5)
+    x, t, y = tiny_inputs()
+    doubled_y = torch.cat([y, torch.full_like(y, 10)])
+    guided = model.eval().forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), doubled_y, cfg_scale=4.0)
+    cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), doubled_y).chunk(2)
+    assert torch.allclose(guided[:4, :3], uncond[:, :3] + 4.0 * (cond[:, :3] - uncond[:, :3]), atol=1e-5)
+    # In training, dropped labels are exactly the null class's output.
+    model.train()
+    torch.manual_seed(1)
+    dropped = model.y_embedder.token_drop(y)
+    torch.manual_seed(1)
+    with_dropout = model(x, t, y)
+    torch.manual_seed(1)  # the same draw drops nothing more from already-dropped labels
+    assert torch.equal(with_dropout, model(x, t, dropped))
+    assert (dropped == 10).any() and (dropped != 10).any()
+
+
+@pytest.mark.parametrize("block", BLOCK_DESIGNS)
+def test_short_training_lowers_the_loss(block):
+    torch.manual_seed(0)
+    model = DiT(**TINY, block=block)
+    diffusion = create_diffusion("")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x, _, y = tiny_inputs(16)
+    x = x.sign() * 0.8  # a learnable target: two-valued data
+    t = torch.randint(0, 1000, (16,), generator=torch.Generator().manual_seed(2))
+
+    def loss() -> torch.Tensor:
+        torch.manual_seed(3)  # the same noise every time: only the weights change
+        return diffusion.training_losses(model, x, t, dict(y=y))["loss"].mean()
+
+    model.eval()
+    with torch.no_grad():
+        before = loss().item()
+    model.train()
+    for _ in range(30):
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        after = loss().item()
+    assert after < 0.7 * before, (before, after)
+
+
+@pytest.mark.parametrize("block", BLOCK_DESIGNS)
+def test_xl2_gflops_against_the_paper(block):
+    with torch.device("meta"):
+        model = DiT_models["DiT-XL/2"](input_size=32, block=block)
+    assert count_forward_gmacs(model) == pytest.approx(PAPER_XL2_DESIGN_GFLOPS[block], rel=1e-3)

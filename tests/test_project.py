@@ -17,17 +17,22 @@ def test_conda_environment_pins_the_same_packages_as_requirements():
     assert {"torch==2.14.1", "torchvision==0.29.1"} <= requirements
 
 
-# The layers: scripts import helper modules, helper modules import the core, the core imports only itself.
+# The layout: commands at the root (and models.py), the library in ditlib/, the diffusion in diffusion/.
+COMMANDS = {"train", "sample", "sample_ddp", "extract_features", "evaluate", "reproduce", "convert_diffusers",
+            "download"}
 CORE = {"models", "diffusion"}
-SCRIPTS = {"train", "sample", "sample_ddp", "extract_features", "evaluate", "convert_diffusers"}
+PACKAGE = "ditlib"
+
+
+def package_modules() -> list:
+    return sorted(p.stem for p in (ROOT / PACKAGE).glob("*.py") if p.stem != "__init__")
 
 
 def project_imports() -> dict:
     """{module: the project modules it imports anywhere in its file, function bodies included}."""
-    modules = {p.stem: p for p in ROOT.glob("*.py")} | {"diffusion": ROOT / "diffusion"}
-    files = {name: [path] if path.suffix else sorted(path.glob("*.py")) for name, path in modules.items()}
-    files |= {f"{folder}.{p.stem}": [p] for folder in ("demo", "experiments", "bench")
-              for p in (ROOT / folder).glob("*.py")}
+    files = {p.stem: [p] for p in ROOT.glob("*.py")} | {"diffusion": sorted((ROOT / "diffusion").glob("*.py"))}
+    files |= {f"{folder}.{p.stem}": [p] for folder in (PACKAGE, "demo", "experiments", "bench")
+              for p in (ROOT / folder).glob("*.py") if p.stem != "__init__"}
     graph = {}
     for name, paths in files.items():
         found = set()
@@ -36,21 +41,30 @@ def project_imports() -> dict:
                 if isinstance(node, ast.Import):
                     found |= {alias.name for alias in node.names}
                 elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                    found.add(node.module)
-        graph[name] = {m for m in found if m in files or m.split(".")[0] in modules} - {name}
+                    found |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+        graph[name] = {m for m in found if m in files} - {name}
     return graph
+
+
+def test_the_root_holds_the_commands_and_the_model():
+    assert {p.stem for p in ROOT.glob("*.py")} == COMMANDS | {"models"}
+    for command in COMMANDS:
+        assert '__name__ == "__main__"' in (ROOT / f"{command}.py").read_text(), command
 
 
 def test_imports_point_one_way_and_never_in_a_circle():
     graph = project_imports()
     for name, imported in graph.items():
-        top = {m.split(".")[0] for m in imported}
+        layers = {m.split(".")[0] if m.split(".")[0] in (PACKAGE, "demo", "experiments", "bench") else m
+                  for m in imported}
         if name in CORE:
-            assert top <= CORE, f"{name} (core) imports {top - CORE}"
-        elif "." not in name and name not in SCRIPTS:
-            assert not top & SCRIPTS, f"helper module {name} imports the script(s) {top & SCRIPTS}"
+            assert layers <= CORE, f"{name} (the model or the diffusion) imports {layers - CORE}"
+        elif name.startswith(PACKAGE + "."):
+            assert layers <= CORE | {PACKAGE}, f"{name} (the library) imports {layers - CORE - {PACKAGE}}"
+        elif name in COMMANDS:
+            assert layers <= CORE | {PACKAGE}, f"the command {name} imports {layers - CORE - {PACKAGE}}"
         if name.startswith(("experiments.", "bench.")):
-            assert not any(m.startswith("demo") for m in imported), f"{name} imports the demo"
+            assert "demo" not in layers, f"{name} imports the demo"
     visiting, done = set(), set()
 
     def visit(name, path):
@@ -59,7 +73,7 @@ def test_imports_point_one_way_and_never_in_a_circle():
             return
         visiting.add(name)
         for other in graph.get(name, ()):
-            visit(other if other in graph else other.split(".")[0], path + [name])
+            visit(other, path + [name])
         visiting.discard(name)
         done.add(name)
 
@@ -67,3 +81,31 @@ def test_imports_point_one_way_and_never_in_a_circle():
         visit(module, [])
     assert not any("sys.path" in p.read_text() for folder in ("demo", "experiments", "bench")
                    for p in (ROOT / folder).glob("*.py")), "run them with python -m instead"
+
+
+def test_the_library_takes_values_not_flags():
+    for name in package_modules():
+        tree = ast.parse((ROOT / PACKAGE / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                modules = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module]
+                assert "argparse" not in modules, f"{PACKAGE}/{name}.py imports argparse"
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for arg in node.args.args + node.args.kwonlyargs:
+                    annotation = ast.unparse(arg.annotation) if arg.annotation else ""
+                    assert "Namespace" not in annotation and arg.arg != "args", \
+                        f"{PACKAGE}/{name}.py: {node.name}() takes parsed flags ({arg.arg})"
+
+
+def test_every_module_and_command_has_its_test_file():
+    tests = {p.stem for p in (ROOT / "tests").glob("test_*.py")}
+    expected = {f"test_{name}" for name in [*package_modules(), *COMMANDS, *CORE]}
+    assert expected <= tests, f"missing: {sorted(expected - tests)}"
+
+
+def test_commands_read_beside_the_official_ones():
+    for command in COMMANDS:
+        lines = (ROOT / f"{command}.py").read_text().splitlines()
+        long = [n for n, line in enumerate(lines, 1) if len(line) > 100]
+        assert not long, f"{command}.py has lines over 100 columns: {long[:5]}"
+    assert len((ROOT / "train.py").read_text().splitlines()) <= 450

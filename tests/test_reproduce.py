@@ -6,8 +6,6 @@ import numpy as np
 import pytest
 from helpers import LoopbackServer, fid_network_path, run_main
 
-import download
-
 
 def test_list_shows_every_row_with_its_settings_and_published_values(capsys):
     run_main("reproduce.py", "--list")
@@ -49,22 +47,3 @@ def test_the_chain_runs_offline_and_reports_measured_against_published(tmp_path,
         __import__("hashlib").sha256((tmp_path / "ref.npz").read_bytes()).hexdigest()
 
 
-def test_a_cut_reference_download_resumes_and_is_checked(tmp_path):
-    body = np.random.default_rng(1).bytes(3_000_000)
-    server = LoopbackServer()
-    try:
-        server.routes["/models/ref.npz"] = (200, body[:1_000_000], len(body))  # the connection drops
-        with pytest.raises(download.DownloadError, match="ended after 1000000 of 3000000 bytes"):
-            download.download_file(f"{server.url}/ref.npz", tmp_path / "ref.npz")
-        assert not (tmp_path / "ref.npz").exists() and (tmp_path / ".ref.npz.part").stat().st_size == 1_000_000
-        server.routes["/models/ref.npz"] = (200, body, None)
-        import hashlib
-        path = download.download_file(f"{server.url}/ref.npz", tmp_path / "ref.npz",
-                                      sha256=hashlib.sha256(body).hexdigest())
-        assert server.ranges == [None, "bytes=1000000-"]  # the rerun asked for the rest only
-        with pytest.raises(download.DownloadError, match="does not have the expected SHA-256"):
-            download.download_file(f"{server.url}/ref.npz", tmp_path / "other.npz", sha256="0" * 64)
-        assert not list(tmp_path.glob("*other*")) and not list(tmp_path.glob(".other*"))
-    finally:
-        server.close()
-    assert path.read_bytes() == body

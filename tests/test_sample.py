@@ -8,7 +8,7 @@ import torch
 from helpers import DEVICE, digest, run_main, run_script
 from PIL import Image
 
-from download import DownloadError
+from ditlib.remote_files import DownloadError
 from models import DiT_models
 
 pytestmark = pytest.mark.device  # on CUDA when present: see helpers.DEVICE
@@ -126,7 +126,7 @@ def test_sample_py_takes_the_solvers_and_checks_the_interval(tmp_path, trained_c
 def test_an_official_name_as_ckpt_is_fetched_as_find_model_does(tmp_path, monkeypatch, script):
     """--ckpt DiT-XL-2-512x512.pt (not a local file): the official find_model downloads it; so do we,
     as the 512px model (before: 'no such file')."""
-    import weights
+    from ditlib import weights
     asked = []
 
     def find_model(name):

@@ -1,10 +1,10 @@
-"""weights.py: strict loads that name what does not fit."""
+"""ditlib/weights.py: strict loads that name what does not fit."""
 import pytest
 import torch
 from helpers import DEVICE, run_main
 
+from ditlib.weights import load_weights
 from models import DiT_models
-from weights import load_weights
 
 
 def test_mismatched_checkpoint_names_tensors_and_right_flags(tmp_path, trained_checkpoint):

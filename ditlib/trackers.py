@@ -13,8 +13,8 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
-from files import atomic_write
-from processes import first_line
+from ditlib.errors import first_line
+from ditlib.files import atomic_write
 
 REPORT_TO = ("none", "tensorboard", "wandb")
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
@@ -58,12 +58,12 @@ class TensorBoard:
     """Event files in <experiment>/tensorboard. A resumed run first drops the events a killed run
     wrote after its last checkpoint (purge_step), so every curve is the resumed run's."""
 
-    def __init__(self, experiment_dir: Path, args, resumed_step: Optional[int]):
+    def __init__(self, experiment_dir: Path, flags: dict, resumed_step: Optional[int]):
         from torch.utils.tensorboard import SummaryWriter
         self.writer = SummaryWriter(str(experiment_dir / "tensorboard"),
                                     purge_step=None if resumed_step is None else resumed_step + 1)
         if resumed_step is None:
-            self.writer.add_text("args", "\n".join(f"    --{k.replace('_', '-')} {v}" for k, v in vars(args).items()))
+            self.writer.add_text("args", "\n".join(f"    --{k.replace('_', '-')} {v}" for k, v in flags.items()))
 
     def log(self, record: dict) -> None:
         for key, value in numbers(record).items():
@@ -84,7 +84,7 @@ class WandB:
     when a resumed run repeats steps a killed one had logged. WANDB_MODE=offline works without
     network (upload later with `wandb sync`); WANDB_PROJECT picks the project (default DiT)."""
 
-    def __init__(self, experiment_dir: Path, args, resumed_step: Optional[int]):
+    def __init__(self, experiment_dir: Path, flags: dict, resumed_step: Optional[int]):
         import wandb
         id_file = experiment_dir / "wandb-run-id"
         if id_file.exists():
@@ -96,7 +96,7 @@ class WandB:
         self.wandb = wandb
         try:
             self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "DiT"), name=experiment_dir.name, id=run_id,
-                                  resume="allow", dir=str(experiment_dir), config=vars(args))
+                                  resume="allow", dir=str(experiment_dir), config=flags)
         except Exception as error:  # no network, a refused key: one line, not the client's traceback
             raise OSError(f"--report-to wandb: W&B could not start the run ({type(error).__name__}: "
                           f"{first_line(error)}); set WANDB_MODE=offline to log locally and upload later with "
@@ -114,7 +114,7 @@ class WandB:
         self.run.finish()
 
 
-def open_tracker(report_to: str, experiment_dir: Path, args, resumed_step: Optional[int]):
+def open_tracker(report_to: str, experiment_dir: Path, flags: dict, resumed_step: Optional[int]):
     """The tracker chosen by --report-to (rank 0 calls this), or None."""
     return {"none": lambda *a: None, "tensorboard": TensorBoard, "wandb": WandB}[report_to](
-        experiment_dir, args, resumed_step)
+        experiment_dir, flags, resumed_step)

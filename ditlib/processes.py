@@ -1,9 +1,7 @@
-"""Processes and the command line: devices, the DDP world, generators, logging, one-line errors."""
-import argparse
+"""Processes: devices, the DDP world, generators, logging."""
 import ctypes
 import logging
 import os
-import sys
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -12,37 +10,17 @@ from typing import Callable, Iterator, Optional, TypeVar, Union
 import torch
 import torch.distributed as dist
 
+from ditlib.errors import SettingError
+
 T = TypeVar("T")
-
-
-def run_cli(main, args: argparse.Namespace) -> None:
-    """Run a script's main; a mistake in its input ends it with one line naming the problem, not a traceback."""
-    try:
-        main(args)
-    except (ValueError, OSError, FloatingPointError, MemoryError) as error:
-        sys.exit(f"{Path(sys.argv[0]).name}: error: {error}")
-
-
-def first_line(error: BaseException) -> str:
-    """The first non-empty line of an error's message (its type's name when it has none)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
-
-
-def add_device_flags(parser: argparse.ArgumentParser, tf32_help: str) -> None:
-    """--device and --tf32/--no-tf32, the same in every script."""
-    group = parser.add_argument_group("device")
-    group.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
-                       help="auto: CUDA (NCCL) when available, else the CPU (gloo)")
-    group.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True, help=tf32_help)
 
 
 def resolve_device(choice: str) -> torch.device:
     """'auto' takes CUDA when present; 'cuda' without a GPU is an error, not a silent fallback."""
     if choice not in ("auto", "cuda", "cpu"):
-        raise ValueError(f"--device must be auto, cuda or cpu, got {choice!r}")
+        raise SettingError("device", f"must be auto, cuda or cpu, got {choice!r}")
     if choice == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but PyTorch sees no CUDA device")
+        raise SettingError("device", "cuda was asked for, but PyTorch sees no CUDA device")
     if choice == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -110,14 +88,6 @@ def forked_rng(device: torch.device):
     """A context in which the global CPU generator (and the device's, on CUDA) can be drawn from
     without the draws showing outside it: for building or running anything besides the trained DiT."""
     return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
-
-
-def require_positive(args: argparse.Namespace, *flags: str) -> None:
-    """Each named integer flag that is set must be at least 1."""
-    for flag in flags:
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
 
 
 def create_logger(logging_dir: Optional[Union[str, Path]], rank: int) -> logging.Logger:

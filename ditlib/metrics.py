@@ -14,8 +14,8 @@ import torch
 from torch_fidelity import feature_extractor_inceptionv3 as fidelity_inception
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 
-from files import atomic_write
-from images import center_crop_arr, load_rgb
+from ditlib.files import atomic_write
+from ditlib.images import center_crop_arr, load_rgb
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 PRECISION_RECALL_K = 3  # neighbourhood size of Kynkaanniemi et al. and ADM's evaluator

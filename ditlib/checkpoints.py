@@ -1,18 +1,21 @@
 """Reading checkpoint files safely: why a .pt is refused, what a damaged one looks like, and where
 the DiT weights sit inside the kinds of file users have (ours, the official train.py's, a bare
 state dict, .safetensors)."""
-import argparse
 import errno
 import pickle
+import types
 from pathlib import Path
 from typing import Union
 
 import torch
 
-from processes import first_line
+from ditlib.errors import first_line
 
-# The official train.py saves its command line as an argparse.Namespace; no other class is unpickled.
-CHECKPOINT_GLOBALS = [argparse.Namespace]
+# The official train.py pickles its parsed flags, a Namespace object. This is the global's name in
+# those files (data, not an import): it is read back as a types.SimpleNamespace with the same
+# attributes, and no other class is unpickled.
+NAMESPACE = "argparse.Namespace"
+CHECKPOINT_GLOBALS = [(types.SimpleNamespace, NAMESPACE)]
 
 
 class DamagedCheckpoint(ValueError):
@@ -28,7 +31,7 @@ IO_ERRNOS = {errno.EIO, errno.EACCES, errno.EPERM, errno.ENOENT, errno.ESTALE, e
 
 
 def read_checkpoint(path: Union[str, Path]):
-    """torch.load with weights_only=True, allowing argparse.Namespace and nothing else, so official
+    """torch.load with weights_only=True, allowing the official flags' Namespace and nothing else, so official
     train.py checkpoints load while pickled code is never run. A file that needs any other global
     is refused with a one-line error that names it and says how to convert a trusted file. A file
     whose bytes are wrong is a DamagedCheckpoint; a failure of the storage or the memory is an
@@ -37,7 +40,7 @@ def read_checkpoint(path: Union[str, Path]):
         with torch.serialization.safe_globals(CHECKPOINT_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        foreign = [name for name in unsafe_globals(path, error) if name != "argparse.Namespace"]
+        foreign = [name for name in unsafe_globals(path, error) if name != NAMESPACE]
         if foreign:
             raise ValueError(
                 f"{path} needs the Python global(s) {', '.join(foreign)} to load, which a checkpoint of weights does "
@@ -94,11 +97,11 @@ def unsafe_globals(path: Union[str, Path], error: Exception) -> list:
 
 def checkpoint_args(checkpoint) -> dict:
     """A train.py checkpoint's saved command line as a dict: ours store a dict, the official script
-    an argparse.Namespace; anything else (a bare state dict) has none."""
+    a Namespace (read back as a SimpleNamespace); anything else (a bare state dict) has none."""
     if not isinstance(checkpoint, dict):
         return {}
     args = checkpoint.get("args")
-    if isinstance(args, argparse.Namespace):
+    if isinstance(args, types.SimpleNamespace):
         return vars(args)
     return args if isinstance(args, dict) else {}
 

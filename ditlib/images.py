@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from files import atomic_write
-from processes import first_line
+from ditlib.errors import first_line
+from ditlib.files import atomic_write
 
 
 def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:

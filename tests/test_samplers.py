@@ -1,5 +1,4 @@
-"""sampling.py: generate(), the ODE solvers against independent computations, the guidance interval."""
-import argparse
+"""ditlib/samplers.py: generate(), the ODE solvers against independent computations, the guidance interval."""
 import re
 
 import numpy as np
@@ -7,16 +6,17 @@ import pytest
 import torch
 
 from diffusion import create_diffusion
-from models import DiT_models
-from sampling import (
+from ditlib.errors import SettingError
+from ditlib.samplers import (
     NoNetwork,
     Sampler,
+    SamplingSettings,
     generate,
-    guidance_interval,
     guided_in_interval,
     interval_from_sigma,
     noise_levels,
 )
+from models import DiT_models
 
 pytestmark = pytest.mark.device  # on CUDA when present: see helpers.DEVICE
 
@@ -216,9 +216,10 @@ def test_ode_solvers_refuse_step_counts_that_repeat_a_timestep():
     x, y = torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(0)), torch.tensor([1])
     for solver in ("dpm++", "unipc"):
         assert torch.isfinite(Sampler(solver, 999).run(toy_eps, x, dict(y=y))).all()
-        with pytest.raises(ValueError, match=f"--num-sampling-steps 1000: --sampler {re.escape(solver)} visits only "
-                                             f"999 distinct timesteps.*use at most 999 steps"):
+        with pytest.raises(SettingError, match=f"^num_sampling_steps 1000: --sampler {re.escape(solver)} visits "
+                                               f"only 999 distinct timesteps.*use at most 999 steps") as error:
             Sampler(solver, 1000)
+        assert error.value.setting == "num_sampling_steps"
 
 
 def test_guidance_interval_in_sigma_holds_exactly_the_same_timesteps():
@@ -230,7 +231,8 @@ def test_guidance_interval_in_sigma_holds_exactly_the_same_timesteps():
     assert interval_from_sigma(sigmas[200], sigmas[600]) == (0.2, 0.6)
     assert interval_from_sigma(sigmas[200] * 1.0001, sigmas[600] * 0.9999) == (0.201, 0.599)
     assert interval_from_sigma(0, 0.7 / 0.3) == (0.0, 0.426)
-    flags = argparse.Namespace(cfg_interval=None, cfg_interval_sigma=[0.0, 0.7 / 0.3])
-    assert guidance_interval(flags) == (0.0, 0.426)
+    assert SamplingSettings(cfg_interval_sigma=(0.0, 0.7 / 0.3)).interval() == (0.0, 0.426)
+    assert SamplingSettings(cfg_interval=(0.1, 0.7)).interval() == (0.1, 0.7)
+    assert SamplingSettings().interval() is None
     with pytest.raises(ValueError, match="holds no timestep"):
         interval_from_sigma(200, 300)

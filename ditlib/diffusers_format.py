@@ -13,6 +13,7 @@ from typing import Union
 
 import torch
 
+from ditlib.errors import SettingError, first_line
 from models import DiT, get_2d_sincos_pos_embed
 
 
@@ -109,26 +110,27 @@ def transformer_folder(folder: Union[str, Path]) -> Path:
     return folder / "transformer" if (folder / "transformer").is_dir() else folder
 
 
-def read_transformer(folder: Union[str, Path], flag: str):
-    """A DiTTransformer2DModel from a folder (or a pipeline folder), or a one-line error naming the
-    folder and what it holds instead."""
+def read_transformer(folder: Union[str, Path], setting: str):
+    """A DiTTransformer2DModel from a folder (or a pipeline folder), or an error naming the setting,
+    the folder and what it holds instead."""
     from diffusers import DiTTransformer2DModel
 
     path = transformer_folder(folder)
     config = path / "config.json"
     if not config.is_file():
-        raise ValueError(f"{flag} {folder}: not a diffusers DiT folder (no config.json in it or in its transformer/)")
+        raise SettingError(setting, f"{folder}: not a diffusers DiT folder (no config.json in it or in its "
+                                    f"transformer/)")
     kind = json.loads(config.read_text()).get("_class_name")
     if kind != "DiTTransformer2DModel":
-        raise ValueError(f"{flag} {folder}: a diffusers {kind or 'model'} folder, not a DiTTransformer2DModel one")
+        raise SettingError(setting, f"{folder}: a diffusers {kind or 'model'} folder, not a DiTTransformer2DModel one")
     try:
         return DiTTransformer2DModel.from_pretrained(path)
     except (OSError, ValueError, KeyError, RuntimeError, NotImplementedError) as error:
-        raise ValueError(f"{flag} {folder}: cannot load its DiTTransformer2DModel ({type(error).__name__}: "
-                         f"{str(error).strip().splitlines()[0] if str(error).strip() else ''})") from None
+        raise SettingError(setting, f"{folder}: cannot load its DiTTransformer2DModel ({type(error).__name__}: "
+                                    f"{first_line(error)})") from None
 
 
-def read_diffusers_weights(folder: Union[str, Path], flag: str) -> tuple[dict, dict]:
+def read_diffusers_weights(folder: Union[str, Path], setting: str) -> tuple[dict, dict]:
     """(our state dict, DiT constructor arguments) of a diffusers DiT folder."""
-    transformer = read_transformer(folder, flag)
+    transformer = read_transformer(folder, setting)
     return from_diffusers(transformer), model_kwargs_from_diffusers(transformer.config)

@@ -1,4 +1,4 @@
-"""tracking.py: TensorBoard and W&B get every number of metrics.jsonl and the sample grids."""
+"""ditlib/trackers.py: TensorBoard and W&B get every number of metrics.jsonl and the sample grids."""
 import math
 
 import pytest
@@ -70,7 +70,7 @@ def test_wandb_without_a_login_is_one_line_before_any_work(tmp_path, image_folde
     assert not (tmp_path / "r").exists()
     (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password 0123456789abcdef\n")
     (tmp_path / "netrc").chmod(0o600)
-    from tracking import wandb_can_start
+    from ditlib.trackers import wandb_can_start
     assert wandb_can_start()
     monkeypatch.setenv("NETRC", str(tmp_path / "none"))
     monkeypatch.setenv("WANDB_MODE", "offline")

@@ -1,16 +1,17 @@
 """DiT weights into models: strict loads that name what does not fit, fine-tuning starts, and the
-model a sampling script builds from a checkpoint and its saved flags."""
-import argparse
+model a sampling command builds from a checkpoint and its saved flags."""
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from checkpoints import checkpoint_args, load_state_dict, read_checkpoint, weights_in
-from diffusers_interop import read_diffusers_weights
-from download import PRETRAINED_MODELS, find_model
-from latents import latent_shape, load_vae
-from models import BLOCK_DESIGNS, DiT_models
+from ditlib.checkpoints import checkpoint_args, load_state_dict, read_checkpoint, weights_in
+from ditlib.diffusers_format import read_diffusers_weights
+from ditlib.errors import SettingError
+from ditlib.latents import latent_shape, load_vae
+from ditlib.pretrained import PRETRAINED_MODELS, find_model
+from models import DiT_models
 
 
 def load_weights(model: torch.nn.Module, state_dict: dict, source: str) -> None:
@@ -48,7 +49,7 @@ def load_init_weights(model: torch.nn.Module, source: str) -> list:
     which keeps the model's own initialisation; any other mismatch is a one-line error naming the
     tensor and the config the weights look like. Returns lines for the log."""
     if Path(source).is_dir():
-        state_dict, _ = read_diffusers_weights(source, "--init-from")
+        state_dict, _ = read_diffusers_weights(source, "init_from")
     else:
         if source in PRETRAINED_MODELS:  # check the shapes the name implies before a 2.7 GB download
             check_fits_official(model, source)
@@ -68,8 +69,9 @@ def load_init_weights(model: torch.nn.Module, source: str) -> list:
     problems += [f"{name} is not in this model" for name in state_dict if name not in own]
     if problems:
         hint = guess_config(state_dict)
-        raise ValueError(f"--init-from {source} does not fit this model: {'; '.join(problems[:4])}"
-                         f"{' ...' if len(problems) > 4 else ''}" + (f"; the weights look like {hint}" if hint else ""))
+        raise SettingError("init_from", f"{source} does not fit this model: {'; '.join(problems[:4])}"
+                                        f"{' ...' if len(problems) > 4 else ''}"
+                                        + (f"; the weights look like {hint}" if hint else ""))
     model.load_state_dict({**own, **taken}, strict=True)
     return [f"Initialised from {source}: loaded {len(taken)} of {len(own)} tensors"] + notes
 
@@ -83,9 +85,10 @@ def check_fits_official(model: torch.nn.Module, name: str) -> None:
     theirs = (len(official.blocks), official.pos_embed.shape[-1], official.patch_size, official.in_channels,
               "adaln-zero")
     if ours != theirs:
-        raise ValueError(f"--init-from {name} holds DiT-XL/2 weights (depth 28, width 1152, patch 2, 4 channels, "
-                         f"adaln-zero); this model has depth {ours[0]}, width {ours[1]}, patch {ours[2]}, "
-                         f"{ours[3]} channels, {ours[4]}: use --model DiT-XL/2 with a VAE")
+        raise SettingError("init_from", f"{name} holds DiT-XL/2 weights (depth 28, width 1152, patch 2, "
+                                        f"4 channels, adaln-zero); this model has depth {ours[0]}, width "
+                                        f"{ours[1]}, patch {ours[2]}, {ours[3]} channels, {ours[4]}: use "
+                                        f"--model DiT-XL/2 with a VAE")
 
 
 def guess_config(state_dict: dict) -> Optional[str]:
@@ -122,95 +125,100 @@ def block_design(state_dict: dict) -> str:
     return "adaln" if modulation.shape[0] == 4 * modulation.shape[1] else "adaln-zero"
 
 
+@dataclass(frozen=True)
+class ModelSource:
+    """The weights to sample from and the model they need (the fields are the sampling commands'
+    flags; None: take it from the checkpoint's saved flags, else the official default)."""
+    ckpt: Optional[str] = None
+    model: Optional[str] = None
+    vae: Optional[str] = None
+    image_size: Optional[int] = None
+    num_classes: Optional[int] = None
+    weights: str = "ema"
+    block: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The model a source resolves to: every field set."""
+    model: str
+    image_size: int
+    num_classes: int
+    class_dropout_prob: float
+    vae: str
+    block: Optional[str]  # None until read from the weights
+
+
 OFFICIAL_DEFAULTS = {"model": "DiT-XL/2", "image_size": 256, "num_classes": 1000, "class_dropout_prob": 0.1}
 
 
-def resolve_model_args(args, default_vae: str, saved: dict) -> dict:
-    """Model flags not given on the command line come from a train.py checkpoint's saved args
-    (ours or the official script's), else the official defaults; pretrained weights exist only for
-    DiT-XL/2, 256/512px, 1000 classes."""
-    resolved = {key: getattr(args, key) if getattr(args, key, None) is not None else saved.get(key, default)
+def resolve_model_config(source: ModelSource, default_vae: str, saved: dict) -> ModelConfig:
+    """Model settings the source leaves unset come from a train.py checkpoint's saved flags (ours or
+    the official script's), else the official defaults; pretrained weights exist only for DiT-XL/2,
+    256/512px, 1000 classes."""
+    given = {"model": source.model, "image_size": source.image_size, "num_classes": source.num_classes}
+    resolved = {key: given[key] if given.get(key) is not None else saved.get(key, default)
                 for key, default in OFFICIAL_DEFAULTS.items()}
-    resolved["vae"] = args.vae if args.vae is not None else saved.get("vae", default_vae)
-    resolved["block"] = getattr(args, "block", None) or saved.get("block")  # None: read from the weights
-    has_pretrained = (resolved["model"], resolved["num_classes"]) == ("DiT-XL/2",
-                                                                      1000) and resolved["image_size"] in (256, 512)
-    if args.ckpt is None and not has_pretrained:
-        raise ValueError("only DiT-XL/2 at 256 or 512px with 1000 classes has pretrained weights; "
-                         "pass --ckpt for other models")
-    return resolved
+    config = ModelConfig(**resolved, vae=source.vae if source.vae is not None else saved.get("vae", default_vae),
+                         block=source.block or saved.get("block"))
+    has_pretrained = (config.model, config.num_classes) == ("DiT-XL/2", 1000) and config.image_size in (256, 512)
+    if source.ckpt is None and not has_pretrained:
+        raise SettingError("ckpt", "is needed for this model: only DiT-XL/2 at 256 or 512px with 1000 classes "
+                                   "has pretrained weights")
+    return config
 
 
-def build_model(config: dict, channels: int, latent_size: int, device: torch.device) -> torch.nn.Module:
-    if config["model"] not in DiT_models:
-        raise ValueError(f"--model {config['model']!r} is unknown; choose from {', '.join(DiT_models)}")
-    model = DiT_models[config["model"]](input_size=latent_size, in_channels=channels,
-                                       num_classes=config["num_classes"],
-                                       class_dropout_prob=config["class_dropout_prob"], block=config["block"])
+def build_model(config: ModelConfig, channels: int, latent_size: int, device: torch.device) -> torch.nn.Module:
+    if config.model not in DiT_models:
+        raise SettingError("model", f"{config.model!r} is unknown; choose from {', '.join(DiT_models)}")
+    model = DiT_models[config.model](input_size=latent_size, in_channels=channels, num_classes=config.num_classes,
+                                     class_dropout_prob=config.class_dropout_prob, block=config.block)
     return model.to(device)
 
 
-def load_model_for_sampling(args, device: torch.device, default_vae: str, with_vae: bool = True):
-    """(model in eval mode with its weights, VAE or None, resolved config), in the official order:
-    the model is built (drawing its random init) and loaded before the VAE, so seeded runs match.
-    The weights are read first (that draws nothing), so a bare state dict names its block design.
+def load_model_for_sampling(source: ModelSource, device: torch.device, default_vae: str, with_vae: bool = True):
+    """(model in eval mode with its weights, VAE or None, ModelConfig), in the official order: the
+    model is built (drawing its random init) and loaded before the VAE, so seeded runs match. The
+    weights are read first (that draws nothing), so a bare state dict names its block design.
     with_vae=False sizes the model for the configured VAE without loading it."""
     checkpoint = None
-    if args.ckpt in PRETRAINED_MODELS and not Path(args.ckpt).is_file():  # an official name, as find_model takes
-        size = int(args.ckpt.rsplit("x", 1)[1].split(".")[0])
-        if args.image_size not in (None, size):
-            raise ValueError(f"--ckpt {args.ckpt} is the {size}px model; --image-size {args.image_size} does not match")
-        args = argparse.Namespace(**{**vars(args), "ckpt": None, "image_size": size})
-    if args.ckpt is not None:
-        if not Path(args.ckpt).is_file():
-            raise ValueError(f"--ckpt {args.ckpt}: no such file")
-        if Path(args.ckpt).suffix != ".safetensors":
-            checkpoint = read_checkpoint(args.ckpt)  # read once: its args and its weights
-    config = resolve_model_args(args, default_vae, checkpoint_args(checkpoint))
-    if config["image_size"] < 1:
-        raise ValueError(f"--image-size must be a positive number of pixels, got {config['image_size']}")
-    if config["vae"] == "none":
-        channels, latent_size = 3, config["image_size"]
-    elif config["image_size"] % 8:
-        raise ValueError(f"--image-size {config['image_size']} must be a multiple of 8 with a VAE")
+    if source.ckpt in PRETRAINED_MODELS and not Path(source.ckpt).is_file():  # an official name, as find_model takes
+        size = int(source.ckpt.rsplit("x", 1)[1].split(".")[0])
+        if source.image_size not in (None, size):
+            raise SettingError("ckpt", f"{source.ckpt} is the {size}px model; --image-size {source.image_size} "
+                                       f"does not match")
+        source = replace(source, ckpt=None, image_size=size)
+    if source.ckpt is not None:
+        if not Path(source.ckpt).is_file():
+            raise SettingError("ckpt", f"{source.ckpt}: no such file")
+        if Path(source.ckpt).suffix != ".safetensors":
+            checkpoint = read_checkpoint(source.ckpt)  # read once: its args and its weights
+    config = resolve_model_config(source, default_vae, checkpoint_args(checkpoint))
+    if config.image_size < 1:
+        raise SettingError("image_size", f"must be a positive number of pixels, got {config.image_size}")
+    if config.vae == "none":
+        channels, latent_size = 3, config.image_size
+    elif config.image_size % 8:
+        raise SettingError("image_size", f"{config.image_size} must be a multiple of 8 with a VAE")
     else:
-        channels, latent_size = 4, config["image_size"] // 8  # checked against the VAE below
-    ckpt = args.ckpt or f"DiT-XL-2-{config['image_size']}x{config['image_size']}.pt"
-    if args.ckpt is None:
+        channels, latent_size = 4, config.image_size // 8  # checked against the VAE below
+    ckpt = source.ckpt or f"DiT-XL-2-{config.image_size}x{config.image_size}.pt"
+    if source.ckpt is None:
         state_dict = find_model(ckpt)
     else:
-        state_dict = load_state_dict(Path(ckpt)) if checkpoint is None else weights_in(checkpoint, ckpt, args.weights)
+        state_dict = load_state_dict(Path(ckpt)) if checkpoint is None else weights_in(checkpoint, ckpt, source.weights)
         del checkpoint  # the optimizer state of a training checkpoint need not stay in memory
-    config["block"] = config["block"] or block_design(state_dict)
+    config = replace(config, block=config.block or block_design(state_dict))
     embedder = state_dict.get("x_embedder.proj.weight")
     if embedder is not None and embedder.shape[1] != channels:  # before the shapes fail somewhere less clear
         needs = "pixels: --vae none" if embedder.shape[1] == 3 else f"{embedder.shape[1]}-channel latents of a VAE"
-        raise ValueError(f"--vae {config['vae']} gives the model {channels}-channel inputs, but the weights in {ckpt} "
-                         f"take {embedder.shape[1]} channels ({needs})")
+        raise SettingError("vae", f"{config.vae} gives the model {channels}-channel inputs, but the weights in "
+                                  f"{ckpt} take {embedder.shape[1]} channels ({needs})")
     model = build_model(config, channels, latent_size, device)
     load_weights(model, state_dict, ckpt)
     model.eval()
-    vae = load_vae(config["vae"], device) if with_vae else None
-    if vae is not None and latent_shape(vae, config["image_size"]) != (channels, latent_size):
-        raise ValueError(f"the VAE {config['vae']} gives latents {latent_shape(vae, config['image_size'])}, "
+    vae = load_vae(config.vae, device) if with_vae else None
+    if vae is not None and latent_shape(vae, config.image_size) != (channels, latent_size):
+        raise ValueError(f"the VAE {config.vae} gives latents {latent_shape(vae, config.image_size)}, "
                          f"the model expects {(channels, latent_size)}")
     return model, vae, config
-
-
-def add_model_flags(parser: argparse.ArgumentParser, default_vae: str, vae_help: str = "") -> None:
-    """What to sample from: the model flags of sample.py, sample_ddp.py and convert_diffusers.py. Those
-    not given fall back to a train.py checkpoint's saved flags, then to the official defaults."""
-    group = parser.add_argument_group("model (unset flags fall back to a train.py checkpoint's own, "
-                                      "then to the official defaults)")
-    group.add_argument("--ckpt", type=str, default=None,
-                       help="a train.py checkpoint, a state dict, .safetensors or an official name "
-                            "(default: the official DiT-XL/2 for --image-size, downloaded on first use)")
-    group.add_argument("--model", type=str, default=None, help="default DiT-XL/2")
-    group.add_argument("--vae", type=str, default=None,
-                       help=vae_help or f"ema | mse | none | local AutoencoderKL folder (default {default_vae})")
-    group.add_argument("--image-size", type=int, default=None, help="default 256")
-    group.add_argument("--num-classes", type=int, default=None, help="default 1000")
-    group.add_argument("--weights", choices=["ema", "model"], default="ema",
-                       help="which weights of a train.py checkpoint")
-    group.add_argument("--block", choices=BLOCK_DESIGNS, default=None,
-                       help="block design (default: the checkpoint's, else read from its weights)")

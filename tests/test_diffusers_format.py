@@ -1,9 +1,9 @@
-"""diffusers interop: exact round trip, and the measured gap between diffusers' forward and ours."""
+"""ditlib/diffusers_format.py: exact round trip, and the measured gap between diffusers' forward and ours."""
+import pytest
 import torch
-from helpers import run_script
 
-from diffusers_interop import from_diffusers, model_kwargs_from_diffusers, to_diffusers
-from models import DiT
+from ditlib.diffusers_format import from_diffusers, model_kwargs_from_diffusers, to_diffusers, transformer_config
+from models import BLOCK_DESIGNS, DiT
 
 # Measured on the model below: diffusers' timestep features use frequencies / (half - 1) instead of
 # DiT's / half; that alone moves the output by 0.0304 at most (2.7% of its largest value).
@@ -53,16 +53,8 @@ def test_diffusers_forward_gap_is_only_the_timestep_frequencies():
         assert torch.equal(transformer(x, t, y).sample, ours)
 
 
-def test_cli_export_pipeline_and_import(tmp_path, tiny_vae_path, trained_checkpoint):
-    import argparse
-
-    from convert_diffusers import import_command
-    run_script("convert_diffusers.py", "export", "--ckpt", trained_checkpoint, "--out", tmp_path / "pipe",
-               "--vae", tiny_vae_path)
-    from diffusers import DiTPipeline
-    pipeline = DiTPipeline.from_pretrained(tmp_path / "pipe")
-    assert pipeline.transformer.config.num_embeds_ada_norm == 2
-    import_command(argparse.Namespace(folder=str(tmp_path / "pipe"), out=str(tmp_path / "back.pt")))
-    back = torch.load(tmp_path / "back.pt", weights_only=True)
-    ema = torch.load(trained_checkpoint, weights_only=True)["ema"]
-    assert back.keys() == ema.keys() and all(torch.equal(back[k], ema[k]) for k in ema)
+def test_only_the_adaln_zero_design_exports():
+    for block in BLOCK_DESIGNS[1:]:
+        with pytest.raises(ValueError, match=f"the adaLN-Zero design; this model is {block}"):
+            transformer_config(DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4,
+                                   num_classes=10, block=block))

@@ -1,14 +1,15 @@
 """Sampling: one entry point, generate(), that every script uses; the samplers it runs (IDDPM
 ancestral and DDIM, diffusers' DPM-Solver++ and UniPC); classifier-free guidance, optionally only
-in an interval of noise levels; and the sampler flags the scripts share."""
-import argparse
+in an interval of noise levels; and the settings that choose them (SamplingSettings)."""
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 import torch
 
 from diffusion import create_diffusion
+from ditlib.errors import SettingError
 
 SAMPLERS = ("ddpm", "ddim", "dpm++", "unipc")
 ODE_SOLVERS = ("dpm++", "unipc")
@@ -17,25 +18,28 @@ ODE_SOLVERS = ("dpm++", "unipc")
 class Sampler:
     """One sampler at one step count: the respaced IDDPM diffusion it walks (ddpm: evenly strided
     steps, ddim: DDIM's stride) or, for an ODE solver, its diffusers scheduler with DiT's own betas.
-    Built before any work, so a bad step count is an error naming `flag`."""
+    Built before any work, so a bad step count is an error naming the setting num_sampling_steps."""
 
-    def __init__(self, name: str, steps: int, eta: float = 0.0, flag: str = "--num-sampling-steps"):
+    def __init__(self, name: str, steps: int, eta: float = 0.0):
         if name not in SAMPLERS:
-            raise ValueError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {name!r}")
+            raise SettingError("sampler", f"must be one of {', '.join(SAMPLERS)}, got {name!r}")
         if steps < 2:  # the learned variance at the last step is interpolated towards the second step's
-            raise ValueError(f"{flag} must be at least 2 for DiT's learned-variance sampling, got {steps}")
+            raise SettingError("num_sampling_steps", f"must be at least 2 for DiT's learned-variance sampling, "
+                                                     f"got {steps}")
         self.name, self.steps, self.eta = name, steps, eta
         if name in ODE_SOLVERS:
             self.scheduler = ode_scheduler(name, steps)
             distinct = len(set(self.scheduler.timesteps.tolist()))
             if distinct < steps:  # diffusers' spacing repeats a timestep: a zero step, and NaN everywhere
-                raise ValueError(f"{flag} {steps}: --sampler {name} visits only {distinct} distinct timesteps at this "
-                                 f"count (a repeated one gives NaN images); use at most {max_ode_steps(name)} steps")
+                raise SettingError("num_sampling_steps", f"{steps}: --sampler {name} visits only {distinct} "
+                                                         f"distinct timesteps at this count (a repeated one "
+                                                         f"gives NaN images); use at most "
+                                                         f"{max_ode_steps(name)} steps")
         else:
             try:
                 self.diffusion = create_diffusion(f"ddim{steps}" if name == "ddim" else str(steps))
             except ValueError as error:
-                raise ValueError(f"{flag} {steps}: {error}") from None
+                raise SettingError("num_sampling_steps", f"{steps}: {error}") from None
 
     def timesteps(self) -> list[int]:
         """The original timesteps (0..999) at which the model is called, noisiest first."""
@@ -162,62 +166,59 @@ def interval_from_sigma(sigma_low: float, sigma_high: float) -> tuple[float, flo
     sigmas = noise_levels()
     inside = np.nonzero((sigmas >= sigma_low) & (sigmas <= sigma_high))[0]
     if len(inside) == 0:
-        raise ValueError(f"--cfg-interval-sigma {sigma_low} {sigma_high} holds no timestep: DiT's noise levels "
-                         f"run from sigma {sigmas[0]:.4f} (t=0) to {sigmas[-1]:.1f} (t=999)")
+        raise SettingError("cfg_interval_sigma", f"{sigma_low} {sigma_high} holds no timestep: DiT's noise levels "
+                                                 f"run from sigma {sigmas[0]:.4f} (t=0) to {sigmas[-1]:.1f} (t=999)")
     return float(inside[0]) / 1000, float(inside[-1]) / 1000
 
 
-# ---- the flags ------------------------------------------------------------------------------------
+# ---- the settings ---------------------------------------------------------------------------------
 
-def add_sampler_flags(parser: argparse.ArgumentParser, cfg_scale: float) -> None:
-    """The sampler group of sample.py and sample_ddp.py (official names and defaults first)."""
-    group = parser.add_argument_group("sampler")
-    group.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
-                       help="ddpm: ancestral (official); ddim; dpm++: DPM-Solver++(2M); unipc: UniPC (bh2, order 2)")
-    group.add_argument("--num-sampling-steps", type=int, default=250)
-    group.add_argument("--cfg-scale", type=float, default=cfg_scale)
-    group.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0: deterministic); ddim only")
-    group.add_argument("--cfg-channels", choices=["3", "all"], default="3",
-                       help="guide the first 3 latent channels (the official code, behind the paper's FIDs) or all "
-                            "4, as diffusers' DiTPipeline (scale 1.375 on all is close to 1.5 on three)")
-    interval = group.add_mutually_exclusive_group()
-    interval.add_argument("--cfg-interval", type=float, nargs=2, metavar=("LO", "HI"), default=None,
-                          help="guide only at timesteps t with LO <= t/1000 <= HI (t/1000 = 1: pure noise), "
-                               "e.g. 0 0.7; elsewhere one unguided forward (default: guide at every step)")
-    interval.add_argument("--cfg-interval-sigma", type=float, nargs=2, metavar=("SIGMA_LO", "SIGMA_HI"), default=None,
-                          help="the same in noise levels sigma = sqrt((1 - alpha_bar) / alpha_bar), the unit of "
-                               "Kynkaanniemi et al. (docs/sampling.md has the table)")
+@dataclass(frozen=True)
+class SamplingSettings:
+    """The sampler, its step count and the guidance of sample.py and sample_ddp.py (the fields are
+    their flags' names). The interval is given in t/1000 or in sigma, not both."""
+    sampler: str = "ddpm"
+    num_sampling_steps: int = 250
+    cfg_scale: float = 4.0
+    eta: float = 0.0
+    cfg_interval: Optional[tuple[float, float]] = None
+    cfg_interval_sigma: Optional[tuple[float, float]] = None
+    cfg_channels: str = "3"  # "all": guide every latent channel, as diffusers' DiTPipeline
+
+    @property
+    def guide_all_channels(self) -> bool:
+        return self.cfg_channels == "all"
+
+    def interval(self) -> Optional[tuple[float, float]]:
+        """The guidance interval in t/1000 (None: guide at every step)."""
+        if self.cfg_interval_sigma is not None:
+            return interval_from_sigma(*self.cfg_interval_sigma)
+        return (float(self.cfg_interval[0]), float(self.cfg_interval[1])) if self.cfg_interval is not None else None
+
+    def build(self, min_cfg_scale: float) -> Sampler:
+        """The sampler these settings ask for, every setting checked before any work."""
+        if not (math.isfinite(self.eta) and self.eta >= 0):
+            raise SettingError("eta", f"must be >= 0 (0: deterministic DDIM, 1: DDPM-like noise), got {self.eta}")
+        if self.eta != 0 and self.sampler != "ddim":
+            raise SettingError("eta", f"{self.eta} only applies to --sampler ddim (--sampler {self.sampler} "
+                                      f"ignores it)")
+        sampler = Sampler(self.sampler, self.num_sampling_steps, self.eta)
+        check_guidance(self.cfg_scale, self.interval(), sampler, min_cfg_scale)
+        return sampler
 
 
-def guidance_interval(args: argparse.Namespace) -> Optional[tuple[float, float]]:
-    """The guidance interval in t/1000, from whichever of the two interval flags was given."""
-    if getattr(args, "cfg_interval_sigma", None) is not None:
-        return interval_from_sigma(*args.cfg_interval_sigma)
-    return (float(args.cfg_interval[0]), float(args.cfg_interval[1])) if args.cfg_interval is not None else None
-
-
-def check_guidance(cfg_scale: float, interval: Optional[tuple[float, float]], sampler: Sampler, flag: str,
+def check_guidance(cfg_scale: float, interval: Optional[tuple[float, float]], sampler: Sampler,
                    min_cfg_scale: float) -> None:
     """A guidance scale that is a number in range, and an interval that guides at least one sampled step."""
     if not (math.isfinite(cfg_scale) and cfg_scale >= min_cfg_scale):
-        raise ValueError(f"{flag} must be a number >= {min_cfg_scale} (1.0 turns guidance off), got {cfg_scale}")
+        raise SettingError("cfg_scale", f"must be a number >= {min_cfg_scale} (1.0 turns guidance off), got "
+                                        f"{cfg_scale}")
     if interval is None:
         return
     low, high = interval
     if not (0 <= low <= high <= 1):
-        raise ValueError(f"--cfg-interval LO HI needs 0 <= LO <= HI <= 1 (fractions of the 1000 timesteps), "
-                         f"got {low} {high}")
+        raise SettingError("cfg_interval", f"LO HI needs 0 <= LO <= HI <= 1 (fractions of the 1000 timesteps), "
+                                           f"got {low} {high}")
     if not any(low <= t / 1000 <= high for t in sampler.timesteps()):
         raise ValueError(f"the guidance interval [{low}, {high}] (in t/1000) holds none of the {sampler.steps} "
                          f"timesteps {sampler.name} samples at, so nothing would be guided; widen it")
-
-
-def sampler_from_flags(args: argparse.Namespace, min_cfg_scale: float) -> Sampler:
-    """The sampler the flags ask for, every sampler flag checked before any work."""
-    if not (math.isfinite(args.eta) and args.eta >= 0):
-        raise ValueError(f"--eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like noise), got {args.eta}")
-    if args.eta != 0 and args.sampler != "ddim":
-        raise ValueError(f"--eta {args.eta} only applies to --sampler ddim (--sampler {args.sampler} ignores it)")
-    sampler = Sampler(args.sampler, args.num_sampling_steps, args.eta)
-    check_guidance(args.cfg_scale, guidance_interval(args), sampler, "--cfg-scale", min_cfg_scale)
-    return sampler

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from files import file_digest
+from ditlib.errors import SettingError
+from ditlib.files import file_digest
 
 # The Stable Diffusion VAEs DiT was trained with, by their short names.
 HUB_VAES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
@@ -21,7 +22,8 @@ def load_vae(choice: str, device: torch.device):
 
     source = HUB_VAES.get(choice, choice)
     if choice not in HUB_VAES and not Path(choice).is_dir():
-        raise ValueError(f"--vae must be ema, mse, none or a local AutoencoderKL folder; {choice!r} is none of these")
+        raise SettingError("vae", f"must be ema, mse, none or a local AutoencoderKL folder; {choice!r} is none of "
+                                  f"these")
     try:
         vae = AutoencoderKL.from_pretrained(source)
     except OSError as error:
@@ -54,7 +56,7 @@ def latent_shape(vae, image_size: int) -> tuple[int, int]:
         return 3, image_size
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     if image_size % factor:
-        raise ValueError(f"--image-size {image_size} is not a multiple of {factor}, the VAE's downsampling factor")
+        raise SettingError("image_size", f"{image_size} is not a multiple of {factor}, the VAE's downsampling factor")
     return vae.config.latent_channels, image_size // factor
 
 
@@ -125,8 +127,8 @@ class LatentFeatures(torch.utils.data.Dataset):
         self.root = Path(feature_path)
         meta_file = self.root / FEATURES_META
         if not meta_file.is_file():
-            raise ValueError(f"--feature-path {feature_path} has no {FEATURES_META}: run extract_features.py "
-                             f"into it first (an interrupted extraction never writes this file)")
+            raise SettingError("feature_path", f"{feature_path} has no {FEATURES_META}: run extract_features.py "
+                                               f"into it first (an interrupted extraction never writes this file)")
         self.meta = json.loads(meta_file.read_text())
         self.channels, self.latent_size = self.meta["channels"], self.meta["latent_size"]
         self.scale = self.meta["scale"]
@@ -138,20 +140,22 @@ class LatentFeatures(torch.utils.data.Dataset):
         vae, expected = self.meta["vae"], self.meta.get("vae_sha256")
         if expected is not None:
             if not Path(vae).is_dir():
-                raise ValueError(f"--feature-path {self.root}: its latents were made by the VAE in {vae}, which is "
-                                 f"gone; put it back, or train without sample grids (--sample-every 0)")
+                raise SettingError("feature_path", f"{self.root}: its latents were made by the VAE in {vae}, which "
+                                                   f"is gone; put it back, or train without sample grids "
+                                                   f"(--sample-every 0)")
             if folder_digest(Path(vae)) != expected:
-                raise ValueError(f"--feature-path {self.root}: the VAE folder {vae} has changed since the latents "
-                                 f"were made (its files' hash differs); restore it, or extract the latents again")
+                raise SettingError("feature_path", f"{self.root}: the VAE folder {vae} has changed since the "
+                                                   f"latents were made (its files' hash differs); restore it, or "
+                                                   f"extract the latents again")
         return load_vae(vae, device)
 
     def check_matches(self, image_size: int, num_classes: int) -> None:
         if self.meta["image_size"] != image_size:
-            raise ValueError(f"--feature-path {self.root} holds {self.meta['image_size']}px latents, "
-                             f"but --image-size is {image_size}")
+            raise SettingError("feature_path", f"{self.root} holds {self.meta['image_size']}px latents, "
+                                               f"but --image-size is {image_size}")
         if self.meta["num_classes"] > num_classes:
-            raise ValueError(f"--feature-path {self.root} has {self.meta['num_classes']} classes, "
-                             f"but --num-classes is {num_classes}")
+            raise SettingError("feature_path", f"{self.root} has {self.meta['num_classes']} classes, "
+                                               f"but --num-classes is {num_classes}")
 
     def __len__(self) -> int:
         return self.meta["num_images"]

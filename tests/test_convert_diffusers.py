@@ -1,0 +1,24 @@
+"""convert_diffusers.py: a checkpoint exported as a DiTPipeline loads in diffusers and imports back
+exactly; a folder that is not a DiT is named."""
+import pytest
+import torch
+from helpers import run_main, run_script
+
+
+def test_cli_export_pipeline_and_import(tmp_path, tiny_vae_path, trained_checkpoint):
+    run_script("convert_diffusers.py", "export", "--ckpt", trained_checkpoint, "--out", tmp_path / "pipe",
+               "--vae", tiny_vae_path)
+    from diffusers import DiTPipeline
+    pipeline = DiTPipeline.from_pretrained(tmp_path / "pipe")
+    assert pipeline.transformer.config.num_embeds_ada_norm == 2
+    run_main("convert_diffusers.py", "import", "--folder", tmp_path / "pipe", "--out", tmp_path / "back.pt")
+    back = torch.load(tmp_path / "back.pt", weights_only=True)
+    ema = torch.load(trained_checkpoint, weights_only=True)["ema"]
+    assert back.keys() == ema.keys() and all(torch.equal(back[k], ema[k]) for k in ema)
+
+
+def test_import_names_a_folder_that_is_not_a_dit(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"^--folder .*empty: not a diffusers DiT folder"):
+        run_main("convert_diffusers.py", "import", "--folder", tmp_path / "empty", "--out", tmp_path / "x.pt")
+    assert not (tmp_path / "x.pt").exists()
