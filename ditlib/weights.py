@@ -163,8 +163,8 @@ def resolve_model_config(source: ModelSource, default_vae: str, saved: dict) -> 
                          block=source.block or saved.get("block"))
     has_pretrained = (config.model, config.num_classes) == ("DiT-XL/2", 1000) and config.image_size in (256, 512)
     if source.ckpt is None and not has_pretrained:
-        raise SettingError("ckpt", "is needed for this model: only DiT-XL/2 at 256 or 512px with 1000 classes "
-                                   "has pretrained weights")
+        raise ValueError("only DiT-XL/2 at 256 or 512px with 1000 classes has pretrained weights; "
+                         "pass --ckpt for other models")
     return config
 
 
