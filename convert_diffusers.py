@@ -22,8 +22,12 @@ from models import DiT
 def export_command(args: argparse.Namespace) -> None:
     # The VAE is loaded only for a pipeline; otherwise the checkpoint's (or the official) geometry.
     source = settings_from(ModelSource, vars(args))
-    model, vae, _ = load_model_for_sampling(source, torch.device("cpu"), default_vae="ema",
-                                            with_vae=args.vae is not None)
+    model, vae, config = load_model_for_sampling(source, torch.device("cpu"), default_vae="ema",
+                                                 with_vae=args.vae is not None)
+    if config.transport is not None:
+        raise ValueError(f"--ckpt holds a {config.model}: diffusers has no SiT pipeline (its "
+                         f"DiTPipeline would read the velocity as DDPM noise); sample it with "
+                         f"sample.py --sampler ode or sde")
     transformer = to_diffusers(model)
     out = Path(args.out)
     if vae is None:

@@ -6,6 +6,7 @@ adaLN without the zero-initialised gates) are a constructor choice, `block=`.
 Read top to bottom: embeddings, the blocks, the final layer, the model, the configs, op counting.
 """
 import math
+from functools import partial
 from typing import Optional
 
 import numpy as np
@@ -389,49 +390,45 @@ class DiT(nn.Module):
         return torch.cat([eps, rest], dim=1)
 
 
+class SiT(DiT):
+    """SiT (Ma et al. 2024): DiT's network and parameters, trained as a flow (transport/). t is the
+    interpolant's time in [0, 1] (1: data), passed to the timestep embedder as that float. With
+    learn_sigma (SiT's training default) the second half of the output is never trained: the
+    forward drops it, as SiT's does, so a SiT predicts in_channels channels."""
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                force_drop_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        out = super().forward(x, t, y, force_drop_ids)
+        return out[:, :self.in_channels] if self.learn_sigma else out
+
+
 # ---------------------------------------------------------------------------------------------
-# The 12 configs of the paper (Table 4), and small ones for CPU work
+# The 12 configs of the paper (Table 4), and small ones for CPU work; SiT's twelve are DiT's
 # ---------------------------------------------------------------------------------------------
 
-def DiT_XL_2(**kwargs): return DiT(depth=28, hidden_size=1152, patch_size=2, num_heads=16, **kwargs)
-def DiT_XL_4(**kwargs): return DiT(depth=28, hidden_size=1152, patch_size=4, num_heads=16, **kwargs)
-def DiT_XL_8(**kwargs): return DiT(depth=28, hidden_size=1152, patch_size=8, num_heads=16, **kwargs)
-def DiT_L_2(**kwargs): return DiT(depth=24, hidden_size=1024, patch_size=2, num_heads=16, **kwargs)
-def DiT_L_4(**kwargs): return DiT(depth=24, hidden_size=1024, patch_size=4, num_heads=16, **kwargs)
-def DiT_L_8(**kwargs): return DiT(depth=24, hidden_size=1024, patch_size=8, num_heads=16, **kwargs)
-def DiT_B_2(**kwargs): return DiT(depth=12, hidden_size=768, patch_size=2, num_heads=12, **kwargs)
-def DiT_B_4(**kwargs): return DiT(depth=12, hidden_size=768, patch_size=4, num_heads=12, **kwargs)
-def DiT_B_8(**kwargs): return DiT(depth=12, hidden_size=768, patch_size=8, num_heads=12, **kwargs)
-def DiT_S_2(**kwargs): return DiT(depth=12, hidden_size=384, patch_size=2, num_heads=6, **kwargs)
-def DiT_S_4(**kwargs): return DiT(depth=12, hidden_size=384, patch_size=4, num_heads=6, **kwargs)
-def DiT_S_8(**kwargs): return DiT(depth=12, hidden_size=384, patch_size=8, num_heads=6, **kwargs)
-
-
-# Not in the paper: small widths for CPU experiments, demos and tests. Ti follows ViT-Ti; Pico <
+# name: (depth, hidden_size, patch_size, num_heads). Not in the paper: Ti follows ViT-Ti; Pico <
 # Nano < Micro (head width 32) are the model sizes of experiments/scaling.py's grid.
-def DiT_Ti_2(**kwargs): return DiT(depth=12, hidden_size=192, patch_size=2, num_heads=3, **kwargs)
-def DiT_Ti_4(**kwargs): return DiT(depth=12, hidden_size=192, patch_size=4, num_heads=3, **kwargs)
-def DiT_Micro_2(**kwargs): return DiT(depth=6, hidden_size=192, patch_size=2, num_heads=6, **kwargs)
-def DiT_Micro_4(**kwargs): return DiT(depth=6, hidden_size=192, patch_size=4, num_heads=6, **kwargs)
-def DiT_Micro_8(**kwargs): return DiT(depth=6, hidden_size=192, patch_size=8, num_heads=6, **kwargs)
-def DiT_Nano_2(**kwargs): return DiT(depth=4, hidden_size=128, patch_size=2, num_heads=4, **kwargs)
-def DiT_Nano_4(**kwargs): return DiT(depth=4, hidden_size=128, patch_size=4, num_heads=4, **kwargs)
-def DiT_Nano_8(**kwargs): return DiT(depth=4, hidden_size=128, patch_size=8, num_heads=4, **kwargs)
-def DiT_Pico_2(**kwargs): return DiT(depth=4, hidden_size=64, patch_size=2, num_heads=2, **kwargs)
-def DiT_Pico_4(**kwargs): return DiT(depth=4, hidden_size=64, patch_size=4, num_heads=2, **kwargs)
-def DiT_Pico_8(**kwargs): return DiT(depth=4, hidden_size=64, patch_size=8, num_heads=2, **kwargs)
-
-
-DiT_models = {
-    "DiT-XL/2": DiT_XL_2, "DiT-XL/4": DiT_XL_4, "DiT-XL/8": DiT_XL_8,
-    "DiT-L/2": DiT_L_2, "DiT-L/4": DiT_L_4, "DiT-L/8": DiT_L_8,
-    "DiT-B/2": DiT_B_2, "DiT-B/4": DiT_B_4, "DiT-B/8": DiT_B_8,
-    "DiT-S/2": DiT_S_2, "DiT-S/4": DiT_S_4, "DiT-S/8": DiT_S_8,
-    "DiT-Ti/2": DiT_Ti_2, "DiT-Ti/4": DiT_Ti_4,
-    "DiT-Micro/2": DiT_Micro_2, "DiT-Micro/4": DiT_Micro_4, "DiT-Micro/8": DiT_Micro_8,
-    "DiT-Nano/2": DiT_Nano_2, "DiT-Nano/4": DiT_Nano_4, "DiT-Nano/8": DiT_Nano_8,
-    "DiT-Pico/2": DiT_Pico_2, "DiT-Pico/4": DiT_Pico_4, "DiT-Pico/8": DiT_Pico_8,
+CONFIGS = {
+    "XL/2": (28, 1152, 2, 16), "XL/4": (28, 1152, 4, 16), "XL/8": (28, 1152, 8, 16),
+    "L/2": (24, 1024, 2, 16), "L/4": (24, 1024, 4, 16), "L/8": (24, 1024, 8, 16),
+    "B/2": (12, 768, 2, 12), "B/4": (12, 768, 4, 12), "B/8": (12, 768, 8, 12),
+    "S/2": (12, 384, 2, 6), "S/4": (12, 384, 4, 6), "S/8": (12, 384, 8, 6),
+    "Ti/2": (12, 192, 2, 3), "Ti/4": (12, 192, 4, 3),
+    "Micro/2": (6, 192, 2, 6), "Micro/4": (6, 192, 4, 6), "Micro/8": (6, 192, 8, 6),
+    "Nano/2": (4, 128, 2, 4), "Nano/4": (4, 128, 4, 4), "Nano/8": (4, 128, 8, 4),
+    "Pico/2": (4, 64, 2, 2), "Pico/4": (4, 64, 4, 2), "Pico/8": (4, 64, 8, 2),
 }
+
+
+def configs(network: type) -> dict:
+    """{"DiT-XL/2": constructor, ...}: each config's architecture, any other argument free."""
+    return {f"{network.__name__}-{name}": partial(network, depth=depth, hidden_size=width, patch_size=patch,
+                                                  num_heads=heads)
+            for name, (depth, width, patch, heads) in CONFIGS.items()}
+
+
+DiT_models = configs(DiT)
+SiT_models = configs(SiT)
 
 
 # ---------------------------------------------------------------------------------------------

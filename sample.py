@@ -18,6 +18,7 @@ from ditlib.latents import decode
 from ditlib.processes import resolve_device
 from ditlib.samplers import SamplingSettings, generate
 from ditlib.weights import ModelSource, load_model_for_sampling
+from transport import bits_per_dim, ode_likelihood
 
 OFFICIAL_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
 
@@ -25,7 +26,10 @@ OFFICIAL_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
 @torch.no_grad()
 def main(args: argparse.Namespace) -> Path:
     settings = settings_from(SamplingSettings, vars(args))
-    sampler = settings.build(min_cfg_scale=0.0)  # 0: the unconditional model; below 0 pushes away
+    settings.check(min_cfg_scale=0.0)  # 0: the unconditional model; below 0 pushes away
+    if settings.likelihood and args.cfg_scale != 1:
+        raise ValueError("--likelihood needs --cfg-scale 1: SiT computes the unguided model's "
+                         "likelihood")
     require_positive(nrow=args.nrow)
     check_image_path(args.output, "--output")
     # The official sample.py turns TF32 on for matmuls and cuDNN (a no-op before Ampere and on CPU).
@@ -35,6 +39,7 @@ def main(args: argparse.Namespace) -> Path:
     device = resolve_device(args.device)
     source = settings_from(ModelSource, vars(args))
     model, vae, config = load_model_for_sampling(source, device, default_vae="mse")
+    sampler = settings.build(min_cfg_scale=0.0, transport=config.transport)
     labels = args.class_labels if args.class_labels is not None else OFFICIAL_LABELS
     bad = [label for label in labels if not 0 <= label < config.num_classes]
     if bad:
@@ -47,6 +52,13 @@ def main(args: argparse.Namespace) -> Path:
                        guide_all_channels=settings.guide_all_channels)
     output = save_image_grid(decode(vae, samples), args.output, nrow=args.nrow)
     print(f"Saved {len(labels)} samples to {output}")
+    if settings.likelihood:
+        logp, _ = ode_likelihood(config.transport, model.forward, samples,
+                                 dict(y=torch.tensor(labels, device=device)), sampler.method,
+                                 sampler.steps, sampler.atol, sampler.rtol)
+        bpd = bits_per_dim(logp, samples[0].numel()).mean().item()
+        print(f"Bits per dimension: {bpd:.4f} (the samples' log-likelihood under the model, SiT's "
+              f"ODE estimate)")
     return output
 
 

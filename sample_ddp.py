@@ -39,7 +39,7 @@ SAMPLES_META = "meta.json"
 SAMPLER_VERSION = 1
 
 
-def sample_settings(args: argparse.Namespace, config: ModelConfig, world_size: int,
+def sample_settings(args: argparse.Namespace, config: ModelConfig, sampler, world_size: int,
                     device: torch.device) -> dict:
     """Everything that decides which image lands under which index (--num-fid-samples only decides
     how many): the weights by content, the model, the sampler and its options, the random streams
@@ -48,11 +48,12 @@ def sample_settings(args: argparse.Namespace, config: ModelConfig, world_size: i
     local = args.ckpt is not None and not official_name(args.ckpt)
     return {
         "checkpoint_sha256": file_digest(args.ckpt) if local else None,
-        "pretrained": None if local else f"DiT-XL-2-{config.image_size}x{config.image_size}.pt",
+        "pretrained": None if local else
+        f"{config.model.replace('/', '-')}-{config.image_size}x{config.image_size}.pt",
         "weights": args.weights, "model": config.model, "block": config.block,
         "image_size": config.image_size, "num_classes": config.num_classes, "vae": vae,
-        "sampler": args.sampler, "num_sampling_steps": args.num_sampling_steps,
-        "eta": args.eta if args.sampler == "ddim" else None, "cfg_scale": args.cfg_scale,
+        "sampler": sampler.name, "num_sampling_steps": args.num_sampling_steps,
+        "eta": args.eta if sampler.name == "ddim" else None, "cfg_scale": args.cfg_scale,
         "cfg_interval": list(settings_from(SamplingSettings, vars(args)).interval() or []) or None,
         "cfg_channels": args.cfg_channels,
         "label_sampling": args.label_sampling, "global_seed": args.global_seed,
@@ -60,7 +61,18 @@ def sample_settings(args: argparse.Namespace, config: ModelConfig, world_size: i
         "device": device.type, "tf32": args.tf32 if device.type == "cuda" else None,
         "sampler_version": SAMPLER_VERSION, "torch": torch.__version__,
         "diffusers": diffusers.__version__, "timm": timm.__version__,
-    }
+    } | (flow_settings(config, sampler) if config.transport is not None else {})
+
+
+def flow_settings(config: ModelConfig, sampler) -> dict:
+    """What else decides a SiT's images: its transport and the ODE's or SDE's options."""
+    transport = config.transport
+    return {"path_type": transport.path_type, "prediction": transport.prediction,
+            "loss_weight": transport.loss_weight, "sample_eps": transport.sample_eps,
+            "train_eps": transport.train_eps, "sampling_method": sampler.method,
+            "atol": sampler.atol, "rtol": sampler.rtol, "reverse": sampler.reverse,
+            "diffusion_form": sampler.diffusion_form, "diffusion_norm": sampler.diffusion_norm,
+            "last_step": sampler.last_step, "last_step_size": sampler.last_step_size}
 
 
 def official_name(ckpt: str) -> bool:
@@ -127,7 +139,7 @@ def create_npz_from_sample_folder(sample_dir: Path, num: int, labels: np.ndarray
 
 def main(args: argparse.Namespace) -> None:
     settings = settings_from(SamplingSettings, vars(args))
-    settings.build(min_cfg_scale=1.0)  # checked first; the official script asserts cfg-scale >= 1
+    settings.check(min_cfg_scale=1.0)  # checked first; the official script asserts cfg-scale >= 1
     require_positive(per_proc_batch_size=args.per_proc_batch_size,
                      num_fid_samples=args.num_fid_samples)
     with distributed(args.device) as (rank, world_size, device):
@@ -143,9 +155,9 @@ def sample(args: argparse.Namespace, settings: SamplingSettings, rank: int, worl
     seed = args.global_seed * world_size + rank
     torch.manual_seed(seed)
 
-    sampler = settings.build(min_cfg_scale=1.0)
     source = settings_from(ModelSource, vars(args))
     model, vae, config = load_model_for_sampling(source, device, default_vae="ema")
+    sampler = settings.build(min_cfg_scale=1.0, transport=config.transport)
     channels, latent_size = model.in_channels, model.input_size
 
     model_string_name = config.model.replace("/", "-")
@@ -155,12 +167,12 @@ def sample(args: argparse.Namespace, settings: SamplingSettings, rank: int, worl
     # The official name, then what our additions change (meta.json tells the other settings apart).
     folder_name = (f"{model_string_name}-{ckpt_string_name}-size-{config.image_size}-"
                    f"vae-{vae_name}-cfg-{args.cfg_scale}-seed-{args.global_seed}"
-                   + ("" if args.sampler == "ddpm" else f"-{args.sampler}")
+                   + ("" if sampler.name == "ddpm" else f"-{sampler.name}")
                    + ("" if args.cfg_channels == "3" else "-cfg-all-channels")
                    + ("" if args.label_sampling == "random" else "-equal-labels")
                    + (f"-interval-{interval[0]}-{interval[1]}" if interval else ""))
     sample_folder_dir = Path(args.sample_dir) / folder_name
-    meta = sample_settings(args, config, world_size, device) if rank == 0 else None
+    meta = sample_settings(args, config, sampler, world_size, device) if rank == 0 else None
     rank_zero_decides(rank, lambda: prepare_sample_folder(sample_folder_dir, meta, args.overwrite,
                                                           started))
     if rank == 0:
@@ -172,7 +184,9 @@ def sample(args: argparse.Namespace, settings: SamplingSettings, rank: int, worl
     if rank == 0:
         print(f"Total number of images that will be sampled: {total_samples}")
     iterations = total_samples // world_size // n
-    stand_in = NoNetwork(model.num_classes, model.out_channels)
+    # A SiT's forward gives in_channels (its unused upper half dropped), a DiT's out_channels.
+    predicted = model.in_channels if config.transport is not None else model.out_channels
+    stand_in = NoNetwork(model.num_classes, predicted)
     balanced = balanced_labels(args.num_fid_samples, config.num_classes, args.global_seed)
     labels_by_index = {}
     skipped = 0

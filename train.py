@@ -23,8 +23,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from diffusion import create_diffusion
-from ditlib.command_line import add_device_flags, settings_from
+from ditlib.command_line import add_device_flags, add_transport_flags, settings_from
 from ditlib.datasets import DataSource, load_data
 from ditlib.errors import flag_names, one_line_errors, require_positive
 from ditlib.monitoring import (
@@ -39,10 +38,11 @@ from ditlib.monitoring import (
 )
 from ditlib.processes import distributed, forked_rng
 from ditlib.runs import KeepPolicy, ResumePolicy, choose_checkpoint, restore, save_checkpoint
-from ditlib.samplers import SAMPLERS, Sampler, check_guidance
+from ditlib.samplers import FLOW_SAMPLERS, SAMPLERS, check_guidance
 from ditlib.trackers import REPORT_TO, require_tracker
 from ditlib.training import (
     LearningRate,
+    Objective,
     ResumableSampler,
     TrainState,
     class_dropout,
@@ -51,7 +51,8 @@ from ditlib.training import (
     to_latents,
     update_ema,
 )
-from models import BLOCK_DESIGNS, DiT_models
+from ditlib.weights import MODELS, ModelSource, model_transport
+from models import BLOCK_DESIGNS
 
 
 def main(args: argparse.Namespace) -> None:
@@ -74,6 +75,7 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
     random.seed(seed)
     monitoring = settings_from(Monitoring, vars(args))
     rate = settings_from(LearningRate, vars(args))
+    objective = Objective(transport_of(args))  # DiT's diffusion, or a SiT's transport
 
     # What to resume: decided first, so a damaged checkpoint or a changed flag is reported at once.
     resumed_from, checkpoint, notes = choose_checkpoint(settings_from(ResumePolicy, vars(args)),
@@ -86,11 +88,11 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
         if data is None:
             return  # --check-data only checks
         args.vae = data.vae_name  # with latents, the VAE that made them: recorded, used by grids
-        fid = FidMonitor(monitoring, rank, device) if args.fid_every else None
+        fid = FidMonitor(monitoring, objective, rank, device) if args.fid_every else None
 
     # Create model:
     try:
-        model = DiT_models[args.model](
+        model = MODELS[args.model](
             input_size=data.latent_size, in_channels=data.channels, num_classes=args.num_classes,
             class_dropout_prob=args.class_dropout_prob, block=args.block,
             gradient_checkpointing=args.grad_checkpointing)
@@ -103,7 +105,6 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
     state = TrainState(model, ema, opt, scaler)
-    diffusion = create_diffusion(timestep_respacing="")  # default: 1000 steps, linear schedule
 
     # Setup an experiment folder, claimed only now that everything has been checked:
     resumed_step = checkpoint["train_steps"] if checkpoint else None
@@ -111,7 +112,7 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
     logger = out.logger
     for note in notes + out.notes:
         logger.info(note)
-    logger.info(f"DiT Parameters: {sum(p.numel() for p in model.parameters()):,}")
+    logger.info(f"{args.model[:3]} Parameters: {sum(p.numel() for p in model.parameters()):,}")
     if checkpoint is not None:
         for note in restore(state, checkpoint, rank, world_size, device):
             logger.info(note)
@@ -150,7 +151,7 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
     ema.eval()  # EMA model should always be in eval mode
     stop = scope.enter_context(stop_requests())
     progress = scope.enter_context(progress_bar(rank, state.train_steps, max_steps))
-    monitor = Monitor(monitoring, out, data, diffusion.num_timesteps, device, fid)
+    monitor = Monitor(monitoring, out, data, objective, device, fid)
     health = Health(device, resumed_from)
 
     logger.info(f"Training for {args.epochs} epochs...")
@@ -164,10 +165,10 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
             x = to_latents(x, data, args.random_flip)  # flips (drawn here: they resume), VAE draw
             for group in opt.param_groups:
                 group["lr"] = rate.at(state.train_steps, state.schedule_steps)
-            t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device)
-            # The batch's other random numbers, drawn once in the order a whole-batch step draws
-            # them (training_losses' noise, then the label dropout), split over micro-batches.
-            noise = torch.randn_like(x)
+            # The batch's random numbers, drawn once in the order a whole-batch step draws them
+            # (times and noise as the objective's code, then the label dropout), split over
+            # micro-batches.
+            t, noise = objective.draw(x)
             drop = class_dropout(x.shape[0], args.class_dropout_prob, device)
             opt.zero_grad(set_to_none=True)
             loss = torch.zeros((), device=device)
@@ -178,8 +179,8 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
                 with ddp_model.no_sync() if index < len(micro_batches) - 1 else nullcontext():
                     with torch.autocast(device.type, dtype=autocast_dtype,
                                         enabled=autocast_dtype is not None):
-                        terms = diffusion.training_losses(train_model, x[part], t[part], labels,
-                                                          noise=noise[part])
+                        terms = objective.losses(train_model, x[part], t[part], labels,
+                                                 noise[part])
                         part_loss = terms["loss"].mean() / len(micro_batches)
                     scaler.scale(part_loss).backward()
                 loss += part_loss.detach()
@@ -225,11 +226,23 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
     logger.info("Done!")
 
 
+def transport_of(args: argparse.Namespace):
+    """A SiT's transport from its flags (SiT's defaults where unset); None for a DiT, which refuses
+    them by name."""
+    return model_transport(settings_from(ModelSource, vars(args)), {"model": args.model}, {})
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Every flag's range, checked before any work starts; the sampling flags of grids and FID with
     the rules of the sampling commands."""
-    if args.model not in DiT_models:
-        raise ValueError(f"--model {args.model!r} is unknown; choose from {', '.join(DiT_models)}")
+    if args.model not in MODELS:
+        raise ValueError(f"--model {args.model!r} is unknown; choose from {', '.join(MODELS)}")
+    transport = transport_of(args)
+    if transport is not None:  # recorded resolved, so a checkpoint names its objective in full
+        for setting in ("path_type", "prediction", "loss_weight", "train_eps", "sample_eps"):
+            setattr(args, setting, getattr(transport, setting))
+    args.fid_sampler = args.fid_sampler or ("ode" if transport is not None else "ddim")
+    objective = Objective(transport)
     if args.image_size <= 0 or (args.vae != "none" and args.image_size % 8):
         raise ValueError(f"--image-size {args.image_size} must be a positive multiple of 8 "
                          f"with a VAE")
@@ -260,10 +273,11 @@ def check_args(args: argparse.Namespace) -> None:
     if args.lr_schedule != "constant" and not 0 <= args.lr_min <= args.lr:
         raise ValueError(f"--lr-min must lie in [0, --lr {args.lr}], got {args.lr_min}")
     with flag_names(num_sampling_steps="--sample-steps", cfg_scale="--sample-cfg-scale"):
-        check_guidance(args.sample_cfg_scale, None, Sampler("ddpm", args.sample_steps), 1.0)
+        check_guidance(args.sample_cfg_scale, None, objective.sampler(None, args.sample_steps), 1.0)
     with flag_names(num_sampling_steps="--fid-steps", cfg_scale="--fid-cfg-scale",
                     sampler="--fid-sampler"):
-        check_guidance(args.fid_cfg_scale, None, Sampler(args.fid_sampler, args.fid_steps), 1.0)
+        check_guidance(args.fid_cfg_scale, None,
+                       objective.sampler(args.fid_sampler, args.fid_steps), 1.0)
     if args.fid_every:
         if args.fid_ref is None:
             raise ValueError("--fid-every needs --fid-ref STATS.npz (write one with evaluate.py "
@@ -295,7 +309,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     official.add_argument("--data-path", type=str, default=None,
                           help="ImageFolder root: one sub-folder per class")
     official.add_argument("--results-dir", type=str, default="results")
-    official.add_argument("--model", type=str, choices=list(DiT_models), default="DiT-XL/2")
+    official.add_argument("--model", type=str, choices=list(MODELS), default="DiT-XL/2",
+                          help="a DiT (the DDPM objective) or a SiT (SiT's transport)")
     official.add_argument("--image-size", type=int, default=256,
                           help="pixels; any multiple of 8 with a VAE")
     official.add_argument("--num-classes", type=int, default=1000)
@@ -366,8 +381,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                             "images (.npz arr_0)")
     extra.add_argument("--fid-samples", type=int, default=5000,
                        help="samples per FID, split over the ranks")
-    extra.add_argument("--fid-sampler", choices=SAMPLERS, default="ddim",
-                       help="sampler for those samples")
+    extra.add_argument("--fid-sampler", choices=SAMPLERS + FLOW_SAMPLERS, default=None,
+                       help="sampler for those samples (default: ddim; a SiT's: ode)")
     extra.add_argument("--fid-steps", type=int, default=50,
                        help="sampling steps for those samples")
     extra.add_argument("--fid-cfg-scale", type=float, default=1.0,
@@ -377,6 +392,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     extra.add_argument("--report-to", choices=REPORT_TO, default="none",
                        help="also send metrics and sample grids to TensorBoard or W&B (optional "
                             "installs)")
+    add_transport_flags(parser.add_argument_group("SiT's transport (SiT's flags and defaults)"),
+                        "default")
     add_device_flags(parser, tf32_help="TF32 matmuls and convolutions on Ampere+ GPUs (on by "
                                        "default, as in the official script)")
     return parser.parse_args(argv)

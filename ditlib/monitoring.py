@@ -25,7 +25,7 @@ from ditlib.processes import close_logger, create_logger, forked_rng, rank_zero_
 from ditlib.runs import claim_experiment
 from ditlib.samplers import Sampler, generate
 from ditlib.trackers import open_tracker
-from ditlib.training import TrainState
+from ditlib.training import Objective, TrainState
 
 HEALTH_CHECK_EVERY = 10  # steps between checks for a non-finite loss or a stop signal (besides log steps)
 NEVER = 2 ** 52  # "no non-finite loss yet" (exact in float64, which the check's all-reduce uses)
@@ -45,7 +45,7 @@ class Monitoring:
     fid_every: int = 0
     fid_ref: Optional[str] = None
     fid_samples: int = 5000
-    fid_sampler: str = "ddim"
+    fid_sampler: Optional[str] = "ddim"
     fid_steps: int = 50
     fid_cfg_scale: float = 1.0
     inception: Optional[str] = None
@@ -81,7 +81,7 @@ class RunningMetrics:
         self.steps += 1
 
     def add_terms(self, t: torch.Tensor, terms: dict) -> None:
-        quartile = t * 4 // self.num_timesteps
+        quartile = (t * 4 // self.num_timesteps).long().clamp_(0, 3)  # a SiT's t = 1 joins the last
         for row, name in enumerate(self.TERMS):
             if name in terms:
                 self.quartile_sums[row].index_add_(0, quartile, terms[name].detach().double())
@@ -107,17 +107,17 @@ class Monitor:
     """Everything a run reports between steps: the official log line (with metrics.jsonl and the
     tracker), EMA sample grids and FID. Sampling draws from private generators only."""
 
-    def __init__(self, settings: Monitoring, out: Outputs, data: TrainingData, num_timesteps: int,
+    def __init__(self, settings: Monitoring, out: Outputs, data: TrainingData, objective: Objective,
                  device: torch.device, fid: Optional["FidMonitor"]):
         self.settings, self.out, self.data, self.device, self.fid = settings, out, data, device, fid
-        self.num_timesteps = num_timesteps
-        self.running, self.start_time = RunningMetrics(num_timesteps, device), time.time()
+        self.num_timesteps = objective.time_unit
+        self.running, self.start_time = RunningMetrics(self.num_timesteps, device), time.time()
         generator = torch.Generator().manual_seed(settings.global_seed)  # the same noise and labels for every grid
         count = settings.sample_grid_size
         self.grid_noise = torch.randn(count, data.channels, data.latent_size, data.latent_size,
                                       generator=generator).to(device)
         self.grid_labels = (torch.arange(count) % settings.num_classes).to(device)
-        self.grid_sampler = Sampler("ddpm", settings.sample_steps)
+        self.grid_sampler = objective.sampler(None, settings.sample_steps)
 
     def after_step(self, state: TrainState, max_steps: int, rank: int, world_size: int, local_batch: int) -> None:
         settings, step = self.settings, state.train_steps
@@ -171,9 +171,9 @@ class FidMonitor:
     """--fid-every: the FID network (rank 0 downloads it first, if it must), the reference
     statistics, and FID of EMA samples drawn in shares across the ranks."""
 
-    def __init__(self, settings: Monitoring, rank: int, device: torch.device):
+    def __init__(self, settings: Monitoring, objective: Objective, rank: int, device: torch.device):
         self.settings = settings
-        self.sampler = Sampler(settings.fid_sampler, settings.fid_steps)
+        self.sampler = objective.sampler(settings.fid_sampler, settings.fid_steps)
         self.network = rank_zero_first(rank, lambda: InceptionNetwork(settings.inception, device))
         # Statistics (evaluate.py --save-stats, ADM's batches) or images, whose statistics are computed here.
         self.reference = extract(self.network, settings.fid_ref, progress=False)

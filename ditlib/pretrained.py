@@ -1,6 +1,7 @@
-"""The official DiT checkpoints: their names, where they are fetched from (DIT_MODELS_URL sets a
-mirror of https://dl.fbaipublicfiles.com/DiT/models), and the official find_model() and
-download_model() that download.py offers users."""
+"""The released checkpoints: DiT's two (DIT_MODELS_URL sets a mirror of
+https://dl.fbaipublicfiles.com/DiT/models) and SiT's SiT-XL/2 (SIT_MODELS_URL sets a mirror of the
+folder holding SiT-XL-2-256x256.pt), and the official find_model() and download_model() that
+download.py offers users."""
 import os
 from pathlib import Path
 from typing import Union
@@ -8,8 +9,11 @@ from typing import Union
 from ditlib.checkpoints import load_state_dict
 from ditlib.remote_files import DownloadError, download_file
 
-PRETRAINED_MODELS = {"DiT-XL-2-256x256.pt", "DiT-XL-2-512x512.pt"}
+PRETRAINED_MODELS = {"DiT-XL-2-256x256.pt", "DiT-XL-2-512x512.pt", "SiT-XL-2-256x256.pt"}
 DEFAULT_MODELS_URL = "https://dl.fbaipublicfiles.com/DiT/models"
+# Where SiT's download.py fetches its released SiT-XL/2 (256px, 8 output channels, 1,001 label rows).
+SIT_XL_URL = ("https://www.dl.dropboxusercontent.com/scl/fi/as9oeomcbub47de5g4be0/SiT-XL-2-256.pt"
+              "?rlkey=uxzxmpicu46coq3msb17b9ofa&dl=0")
 PRETRAINED_DIR = Path("pretrained_models")
 DIT_KEYS = ("pos_embed", "x_embedder.proj.weight", "t_embedder.mlp.0.weight", "final_layer.linear.weight")
 
@@ -31,6 +35,14 @@ def models_url() -> str:
     return os.environ.get("DIT_MODELS_URL", DEFAULT_MODELS_URL).rstrip("/")
 
 
+def model_url(name: str) -> str:
+    """Where a released checkpoint is fetched from (a mirror when its variable is set)."""
+    if name.startswith("SiT-"):
+        mirror = os.environ.get("SIT_MODELS_URL")
+        return f"{mirror.rstrip('/')}/{name}" if mirror else SIT_XL_URL
+    return f"{models_url()}/{name}"
+
+
 def download_model(name: str, directory: Path = PRETRAINED_DIR) -> Path:
     """Path of an official checkpoint, fetching it first if it is not there yet.
 
@@ -46,11 +58,12 @@ def download_model(name: str, directory: Path = PRETRAINED_DIR) -> Path:
         return target
     created = not directory.exists()
     try:
-        return download_file(f"{models_url()}/{name}", target, check=check_checkpoint)
+        return download_file(model_url(name), target, check=check_checkpoint)
     except DownloadError as error:
         if created and not any(directory.iterdir()):  # leave no empty folder behind
             directory.rmdir()
-        raise DownloadError(f"{error} (or set DIT_MODELS_URL to a mirror)") from error.__cause__
+        variable = "SIT_MODELS_URL" if name.startswith("SiT-") else "DIT_MODELS_URL"
+        raise DownloadError(f"{error} (or set {variable} to a mirror)") from error.__cause__
 
 
 def check_checkpoint(path: Path) -> None:

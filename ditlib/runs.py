@@ -27,7 +27,8 @@ from ditlib.weights import load_weights
 FREE_TO_CHANGE = {"max_steps", "epochs", "log_every", "ckpt_every", "keep_last", "keep_every", "num_workers",
                   "sample_every", "sample_steps", "sample_cfg_scale", "sample_grid_size", "fid_every", "fid_ref",
                   "fid_samples", "fid_sampler", "fid_steps", "fid_cfg_scale", "inception", "report_to"}
-FIXED = ("model", "block", "image_size", "num_classes", "vae", "feature_path", "init_from")
+FIXED = ("model", "block", "image_size", "num_classes", "vae", "feature_path", "init_from", "path_type", "prediction",
+         "loss_weight", "train_eps", "sample_eps")
 NOT_COMPARED = {"resume", "results_dir", "allow_changed_args", "check_data"}
 
 

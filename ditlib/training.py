@@ -1,5 +1,6 @@
-"""The pieces of a training step: what a step changes (TrainState), the learning rate, the EMA, the
-batch order that resumes mid-epoch, and the latents the DiT trains on."""
+"""The pieces of a training step: what a step changes (TrainState), the objective (DiT's diffusion or
+a SiT's transport), the learning rate, the EMA, the batch order that resumes mid-epoch, and the
+latents the network trains on."""
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -7,11 +8,14 @@ from typing import Optional
 import torch
 from torch.utils.data import DistributedSampler
 
+from diffusion import create_diffusion
 from ditlib.datasets import TrainingData
 from ditlib.errors import SettingError
 from ditlib.latents import encode_posterior, sample_latents
 from ditlib.processes import forked_rng, rank_zero_decides
+from ditlib.samplers import FlowSampler, Sampler
 from ditlib.weights import load_init_weights
+from transport import Transport
 
 
 @dataclass
@@ -25,6 +29,38 @@ class TrainState:
     epoch: int = 0
     batches_into_epoch: int = 0  # optimizer steps taken in the current epoch
     schedule_steps: int = 0  # the length of the learning-rate schedule, fixed when the run starts
+
+
+class Objective:
+    """What the network learns: DiT's diffusion (1,000 steps, linear schedule, learned variance) or,
+    given a transport, a SiT's flow. Its random numbers are drawn in the order each one's own
+    training code draws them."""
+
+    def __init__(self, transport: Optional[Transport] = None):
+        self.transport = transport
+        self.diffusion = create_diffusion(timestep_respacing="") if transport is None else None
+        self.time_unit = 1000 if transport is None else 1  # DiT's t runs 0..999, a SiT's in [0, 1]
+
+    def draw(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t, noise) for a batch: DiT's randint then randn_like; SiT's randn_like, then its times
+        from torch.rand on the CPU generator."""
+        if self.transport is None:
+            t = torch.randint(0, self.diffusion.num_timesteps, (x.shape[0],), device=x.device)
+            return t, torch.randn_like(x)
+        noise = torch.randn_like(x)
+        return self.transport.training_times(x.shape[0]).to(x), noise
+
+    def losses(self, model, x: torch.Tensor, t: torch.Tensor, model_kwargs: dict, noise: torch.Tensor) -> dict:
+        if self.transport is None:
+            return self.diffusion.training_losses(model, x, t, model_kwargs, noise=noise)
+        return self.transport.training_losses(model, x, model_kwargs, noise=noise, t=t)
+
+    def sampler(self, name: Optional[str], steps: int):
+        """A sampler for grids and FID: a DiT's by name (ddpm by default); a SiT's ode (the default:
+        SiT's train.py draws its grids with it) or sde."""
+        if self.transport is None:
+            return Sampler(name or "ddpm", steps)
+        return FlowSampler(self.transport, name or "ode", steps)
 
 
 @dataclass(frozen=True)

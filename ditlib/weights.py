@@ -11,7 +11,8 @@ from ditlib.diffusers_format import read_diffusers_weights
 from ditlib.errors import SettingError
 from ditlib.latents import latent_shape, load_vae
 from ditlib.pretrained import PRETRAINED_MODELS, find_model
-from models import DiT_models
+from models import DiT_models, SiT_models
+from transport import Transport, create_transport
 
 
 def load_weights(model: torch.nn.Module, state_dict: dict, source: str) -> None:
@@ -136,6 +137,14 @@ class ModelSource:
     num_classes: Optional[int] = None
     weights: str = "ema"
     block: Optional[str] = None
+    path_type: Optional[str] = None  # the transport of a SiT (SiT's flag names)
+    prediction: Optional[str] = None
+    loss_weight: Optional[str] = None
+    train_eps: Optional[float] = None
+    sample_eps: Optional[float] = None
+
+
+TRANSPORT_SETTINGS = ("path_type", "prediction", "loss_weight", "train_eps", "sample_eps")
 
 
 @dataclass(frozen=True)
@@ -147,9 +156,13 @@ class ModelConfig:
     class_dropout_prob: float
     vae: str
     block: Optional[str]  # None until read from the weights
+    transport: Optional[Transport] = None  # a SiT's; None for a DiT
 
 
 OFFICIAL_DEFAULTS = {"model": "DiT-XL/2", "image_size": 256, "num_classes": 1000, "class_dropout_prob": 0.1}
+MODELS = {**DiT_models, **SiT_models}
+# The released weights: DiT-XL/2 at 256 and 512px, SiT-XL/2 at 256px, all for ImageNet's 1000 classes.
+RELEASED = {("DiT-XL/2", 256), ("DiT-XL/2", 512), ("SiT-XL/2", 256)}
 
 
 def resolve_model_config(source: ModelSource, default_vae: str, saved: dict) -> ModelConfig:
@@ -160,19 +173,36 @@ def resolve_model_config(source: ModelSource, default_vae: str, saved: dict) -> 
     resolved = {key: given[key] if given.get(key) is not None else saved.get(key, default)
                 for key, default in OFFICIAL_DEFAULTS.items()}
     config = ModelConfig(**resolved, vae=source.vae if source.vae is not None else saved.get("vae", default_vae),
-                         block=source.block or saved.get("block"))
-    has_pretrained = (config.model, config.num_classes) == ("DiT-XL/2", 1000) and config.image_size in (256, 512)
-    if source.ckpt is None and not has_pretrained:
+                         block=source.block or saved.get("block"), transport=model_transport(source, resolved, saved))
+    if source.ckpt is None and not (config.num_classes == 1000 and (config.model, config.image_size) in RELEASED):
+        if config.transport is not None:
+            raise ValueError("only SiT-XL/2 at 256px with 1000 classes has pretrained weights; pass --ckpt for "
+                             "other models")
         raise ValueError("only DiT-XL/2 at 256 or 512px with 1000 classes has pretrained weights; "
                          "pass --ckpt for other models")
     return config
 
 
-def build_model(config: ModelConfig, channels: int, latent_size: int, device: torch.device) -> torch.nn.Module:
-    if config.model not in DiT_models:
-        raise SettingError("model", f"{config.model!r} is unknown; choose from {', '.join(DiT_models)}")
-    model = DiT_models[config.model](input_size=latent_size, in_channels=channels, num_classes=config.num_classes,
-                                     class_dropout_prob=config.class_dropout_prob, block=config.block)
+def model_transport(source: ModelSource, resolved: dict, saved: dict) -> Optional[Transport]:
+    """A SiT's transport: the settings given, else its checkpoint's, else SiT's defaults. A DiT has
+    none, and refuses the settings by name."""
+    given = {key: getattr(source, key) for key in TRANSPORT_SETTINGS if getattr(source, key) is not None}
+    if resolved["model"] not in SiT_models:
+        if given:
+            raise SettingError(next(iter(given)), f"applies to SiT models only, not --model {resolved['model']}")
+        return None
+    settings = {key: given.get(key, saved.get(key)) for key in TRANSPORT_SETTINGS}
+    return create_transport(settings["path_type"] or "Linear", settings["prediction"] or "velocity",
+                            settings["loss_weight"], settings["train_eps"], settings["sample_eps"])
+
+
+def build_model(config: ModelConfig, channels: int, latent_size: int, device: torch.device,
+                learn_sigma: bool = True) -> torch.nn.Module:
+    if config.model not in MODELS:
+        raise SettingError("model", f"{config.model!r} is unknown; choose from {', '.join(MODELS)}")
+    model = MODELS[config.model](input_size=latent_size, in_channels=channels, num_classes=config.num_classes,
+                                 class_dropout_prob=config.class_dropout_prob, block=config.block,
+                                 learn_sigma=learn_sigma)
     return model.to(device)
 
 
@@ -183,11 +213,11 @@ def load_model_for_sampling(source: ModelSource, device: torch.device, default_v
     with_vae=False sizes the model for the configured VAE without loading it."""
     checkpoint = None
     if source.ckpt in PRETRAINED_MODELS and not Path(source.ckpt).is_file():  # an official name, as find_model takes
-        size = int(source.ckpt.rsplit("x", 1)[1].split(".")[0])
+        model, size = released_model(source.ckpt)
         if source.image_size not in (None, size):
             raise SettingError("ckpt", f"{source.ckpt} is the {size}px model; --image-size {source.image_size} "
                                        f"does not match")
-        source = replace(source, ckpt=None, image_size=size)
+        source = replace(source, ckpt=None, image_size=size, model=source.model or model)
     if source.ckpt is not None:
         if not Path(source.ckpt).is_file():
             raise SettingError("ckpt", f"{source.ckpt}: no such file")
@@ -202,7 +232,7 @@ def load_model_for_sampling(source: ModelSource, device: torch.device, default_v
         raise SettingError("image_size", f"{config.image_size} must be a multiple of 8 with a VAE")
     else:
         channels, latent_size = 4, config.image_size // 8  # checked against the VAE below
-    ckpt = source.ckpt or f"DiT-XL-2-{config.image_size}x{config.image_size}.pt"
+    ckpt = source.ckpt or f"{config.model.replace('/', '-')}-{config.image_size}x{config.image_size}.pt"
     if source.ckpt is None:
         state_dict = find_model(ckpt)
     else:
@@ -214,7 +244,9 @@ def load_model_for_sampling(source: ModelSource, device: torch.device, default_v
         needs = "pixels: --vae none" if embedder.shape[1] == 3 else f"{embedder.shape[1]}-channel latents of a VAE"
         raise SettingError("vae", f"{config.vae} gives the model {channels}-channel inputs, but the weights in "
                                   f"{ckpt} take {embedder.shape[1]} channels ({needs})")
-    model = build_model(config, channels, latent_size, device)
+    # SiT's train.py writes 8 output channels (the upper half unused), its sample.py expects 4: both load.
+    learn_sigma = config.transport is None or output_channels(state_dict) != channels
+    model = build_model(config, channels, latent_size, device, learn_sigma)
     load_weights(model, state_dict, ckpt)
     model.eval()
     vae = load_vae(config.vae, device) if with_vae else None
@@ -222,3 +254,17 @@ def load_model_for_sampling(source: ModelSource, device: torch.device, default_v
         raise ValueError(f"the VAE {config.vae} gives latents {latent_shape(vae, config.image_size)}, "
                          f"the model expects {(channels, latent_size)}")
     return model, vae, config
+
+
+def released_model(name: str) -> tuple[str, int]:
+    """("SiT-XL/2", 256) for "SiT-XL-2-256x256.pt": the model and image size of a released file."""
+    family, size, patch, pixels = name.removesuffix(".pt").split("-")
+    return f"{family}-{size}/{patch}", int(pixels.split("x")[0])
+
+
+def output_channels(state_dict: dict) -> Optional[int]:
+    """The channels a state dict's final layer predicts (None when it has none)."""
+    final, embedder = state_dict.get("final_layer.linear.weight"), state_dict.get("x_embedder.proj.weight")
+    if final is None or embedder is None:
+        return None
+    return final.shape[0] // (embedder.shape[-1] ** 2)

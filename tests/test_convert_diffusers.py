@@ -22,3 +22,12 @@ def test_import_names_a_folder_that_is_not_a_dit(tmp_path):
     with pytest.raises(ValueError, match=r"^--folder .*empty: not a diffusers DiT folder"):
         run_main("convert_diffusers.py", "import", "--folder", tmp_path / "empty", "--out", tmp_path / "x.pt")
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_a_sit_is_refused_in_one_line(tmp_path):
+    from models import SiT_models
+    torch.save(SiT_models["SiT-Pico/4"](input_size=8, in_channels=3, num_classes=2).state_dict(), tmp_path / "s.pt")
+    with pytest.raises(ValueError, match="holds a SiT-Pico/4: diffusers has no SiT pipeline"):
+        run_main("convert_diffusers.py", "export", "--ckpt", tmp_path / "s.pt", "--model", "SiT-Pico/4",
+                 "--image-size", "8", "--vae", "none", "--num-classes", "2", "--out", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -7,7 +7,7 @@ import torch
 
 from diffusion import create_diffusion
 from ditlib.weights import block_design
-from models import BLOCK_DESIGNS, DiT, DiT_models, count_forward_gmacs, get_2d_sincos_pos_embed
+from models import BLOCK_DESIGNS, DiT, DiT_models, SiT, SiT_models, count_forward_gmacs, get_2d_sincos_pos_embed
 
 # Peebles & Xie, Table 4: forward Gflops at 256x256.
 PAPER_GFLOPS = {
@@ -346,3 +346,33 @@ def test_xl2_gflops_against_the_paper(block):
     with torch.device("meta"):
         model = DiT_models["DiT-XL/2"](input_size=32, block=block)
     assert count_forward_gmacs(model) == pytest.approx(PAPER_XL2_DESIGN_GFLOPS[block], rel=1e-3)
+
+
+def test_sits_twelve_names_are_dits_architectures():
+    official = [f"{size}/{patch}" for size in ("S", "B", "L", "XL") for patch in (2, 4, 8)]
+    assert all(f"SiT-{name}" in SiT_models for name in official)
+    with torch.device("meta"):
+        sit, dit = SiT_models["SiT-XL/2"](input_size=32), DiT_models["DiT-XL/2"](input_size=32)
+    assert sum(p.numel() for p in sit.parameters()) == 675_129_632  # SiT-XL/2 has DiT-XL/2's parameters
+    assert {k: v.shape for k, v in sit.state_dict().items()} == {k: v.shape for k, v in dit.state_dict().items()}
+    assert count_forward_gmacs(sit) == count_forward_gmacs(dit)
+
+
+def test_a_sit_drops_the_unused_half_and_embeds_its_time_as_a_float():
+    sit = randomized(SiT(**TINY)).eval()
+    dit = DiT(**TINY).eval()
+    dit.load_state_dict(sit.state_dict())
+    x, _, y = tiny_inputs()
+    t = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    with torch.no_grad():
+        out = sit(x, t, y)
+        full = dit(x, t, y)
+        assert out.shape == (4, 4, 8, 8) and torch.equal(out, full[:, :4])
+        assert not torch.allclose(sit(x, t + 0.1, y), out)  # fractional times move the output
+        guided = sit.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, 10)]),
+                                      4.0)
+    cond, uncond = full[:, :3], dit(x, t, torch.full_like(y, 10))[:, :3]
+    torch.testing.assert_close(guided[:4, :3], uncond + 4.0 * (cond - uncond))
+    assert guided.shape == (8, 4, 8, 8)
+    four = SiT(**TINY, learn_sigma=False)
+    assert four.out_channels == 4 and four(x, t, y).shape == (4, 4, 8, 8)

@@ -89,3 +89,17 @@ def test_find_model_local_files(tmp_path):
     assert torch.equal(pretrained.find_model(tmp_path / "w.safetensors")["pos_embed"], state["pos_embed"])
     with pytest.raises(FileNotFoundError, match="not one of the official names"):
         pretrained.find_model(tmp_path / "nope.pt")
+
+
+def test_sits_released_weights_come_from_sits_address_or_a_mirror(tmp_path, monkeypatch):
+    monkeypatch.delenv("SIT_MODELS_URL", raising=False)
+    assert pretrained.model_url("SiT-XL-2-256x256.pt") == pretrained.SIT_XL_URL  # where SiT's download.py looks
+    assert pretrained.model_url(NAME).endswith(f"/{NAME}")
+    srv = LoopbackServer()
+    try:
+        monkeypatch.setenv("SIT_MODELS_URL", srv.url)
+        srv.routes["/models/SiT-XL-2-256x256.pt"] = (200, checkpoint_bytes(tmp_path), None)
+        target = pretrained.download_model("SiT-XL-2-256x256.pt", tmp_path / "pretrained")
+    finally:
+        srv.close()
+    assert target.name == "SiT-XL-2-256x256.pt" and "pos_embed" in pretrained.find_model(target)

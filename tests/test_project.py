@@ -17,10 +17,11 @@ def test_conda_environment_pins_the_same_packages_as_requirements():
     assert {"torch==2.14.1", "torchvision==0.29.1"} <= requirements
 
 
-# The layout: commands at the root (and models.py), the library in ditlib/, the diffusion in diffusion/.
+# The layout: commands at the root (and models.py), the library in ditlib/, DiT's diffusion in
+# diffusion/ and SiT's transport in transport/.
 COMMANDS = {"train", "sample", "sample_ddp", "extract_features", "evaluate", "reproduce", "convert_diffusers",
             "download"}
-CORE = {"models", "diffusion"}
+CORE = {"models", "diffusion", "transport"}
 PACKAGE = "ditlib"
 
 
@@ -30,7 +31,8 @@ def package_modules() -> list:
 
 def project_imports() -> dict:
     """{module: the project modules it imports anywhere in its file, function bodies included}."""
-    files = {p.stem: [p] for p in ROOT.glob("*.py")} | {"diffusion": sorted((ROOT / "diffusion").glob("*.py"))}
+    files = {p.stem: [p] for p in ROOT.glob("*.py")} | {core: sorted((ROOT / core).glob("*.py"))
+                                                         for core in ("diffusion", "transport")}
     files |= {f"{folder}.{p.stem}": [p] for folder in (PACKAGE, "demo", "experiments", "bench")
               for p in (ROOT / folder).glob("*.py") if p.stem != "__init__"}
     graph = {}
@@ -42,7 +44,8 @@ def project_imports() -> dict:
                     found |= {alias.name for alias in node.names}
                 elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                     found |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
-        graph[name] = {m for m in found if m in files} - {name}
+        graph[name] = {m if m in files else m.split(".")[0] for m in found
+                       if m in files or m.split(".")[0] in ("diffusion", "transport")} - {name}
     return graph
 
 
@@ -55,8 +58,8 @@ def test_the_root_holds_the_commands_and_the_model():
 def test_imports_point_one_way_and_never_in_a_circle():
     graph = project_imports()
     for name, imported in graph.items():
-        layers = {m.split(".")[0] if m.split(".")[0] in (PACKAGE, "demo", "experiments", "bench") else m
-                  for m in imported}
+        layers = {m.split(".")[0] if m.split(".")[0] in (PACKAGE, "demo", "experiments", "bench", "transport")
+                  else m for m in imported}
         if name in CORE:
             assert layers <= CORE, f"{name} (the model or the diffusion) imports {layers - CORE}"
         elif name.startswith(PACKAGE + "."):

@@ -14,6 +14,7 @@ def test_list_shows_every_row_with_its_settings_and_published_values(capsys):
     assert "official README: FID 2.21 for the PyTorch weights at fp32" in table
     assert "| XL/2-256 | DiT-XL/2 | 256 | 250 DDPM | 1.0 | mse | 9.62 |" in table
     assert "| XL/2-512-cfg1.5 | DiT-XL/2 | 512 | 250 DDPM | 1.5 | mse | 3.04 | 5.02 | 240.82 |" in table
+    assert "| SiT-XL/2-256-cfg1.5 | SiT-XL/2 | 256 | 250 SDE | 1.5 | ema | 2.06 | - | 270.27 | - | - |" in table
     with pytest.raises(ValueError, match="--row 'XL/2-1024' is not a published row"):
         run_main("reproduce.py", "--row", "XL/2-1024")
 

@@ -167,3 +167,75 @@ def test_cfg_channels_all_guides_the_fourth_latent_channel_too(tmp_path, trained
         run_main("sample.py", *common, "--cfg-channels", channels)
     three, every = captured
     assert not torch.equal(three, every)
+
+
+def sit_checkpoint(path: Path, learn_sigma: bool) -> Path:
+    """What SiT's train.py writes (model, ema, opt, its args as a Namespace) for a tiny SiT on the
+    tiny VAE's latents, every weight random; learn_sigma=False is the 4-channel layout SiT's
+    sample.py builds."""
+    import argparse
+
+    from models import SiT_models
+    torch.manual_seed(11)
+    model = SiT_models["SiT-Pico/2"](input_size=4, num_classes=3, learn_sigma=learn_sigma)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1)
+    args = argparse.Namespace(model="SiT-Pico/2", image_size=32, num_classes=3, vae="ema", path_type="Linear",
+                              prediction="velocity", loss_weight=None, train_eps=None, sample_eps=None)
+    torch.save({"model": model.state_dict(), "ema": model.state_dict(), "opt": {}, "args": args}, path)
+    return path
+
+
+@pytest.mark.parametrize("learn_sigma", [True, False])
+@pytest.mark.parametrize("mode, flags", [
+    ("ode", ["--num-sampling-steps", "6", "--sampling-method", "euler"]),
+    ("ode", ["--num-sampling-steps", "4"]),  # dopri5, adaptive
+    ("sde", ["--num-sampling-steps", "8"]),
+    ("sde", ["--num-sampling-steps", "5", "--sampling-method", "Heun", "--last-step", "Tweedie",
+             "--diffusion-form", "linear"]),
+])
+def test_sit_sample_latents_equal_sits_sample_script(tmp_path, tiny_vae_path, monkeypatch, learn_sigma, mode, flags):
+    """SiT's `python sample.py ODE|SDE`, written out with the transcribed transport: seed, build
+    (learn_sigma as the checkpoint holds), load, noise, the CFG batch with the null class, the
+    sampler's last point, the conditional half."""
+    import sit_reference as ref
+
+    import sample
+    from models import SiT_models
+    checkpoint = sit_checkpoint(tmp_path / "sit.pt", learn_sigma)
+    captured = {}
+    monkeypatch.setattr(sample, "decode", lambda vae, latents: captured.setdefault("latents", latents.clone()))
+    monkeypatch.setattr(sample, "save_image_grid", lambda images, path, nrow: Path(path))
+    sample.main(sample.parse_args(["--ckpt", str(checkpoint), "--vae", str(tiny_vae_path), "--sampler", mode,
+                                   "--class-labels", "2", "0", "--cfg-scale", "3.0", "--device", DEVICE,
+                                   "--output", str(tmp_path / "x.png"), *flags]))
+
+    options = dict(zip(flags[::2], flags[1::2]))
+    steps = int(options["--num-sampling-steps"])
+    torch.manual_seed(0)
+    net = SiT_models["SiT-Pico/2"](input_size=4, num_classes=3, learn_sigma=learn_sigma).to(DEVICE)
+    net.load_state_dict(torch.load(checkpoint, weights_only=False)["ema"])
+    net.eval()
+    z = torch.randn(2, 4, 4, 4, device=DEVICE)
+    z = torch.cat([z, z], 0)
+    y = torch.tensor([2, 0, 3, 3], device=DEVICE)
+
+    def model_fn(x, t, y, cfg_scale):
+        return ref.forward_with_cfg(net, x, t, y, cfg_scale, learn_sigma)
+
+    with torch.no_grad():
+        if mode == "ode":
+            expected = ref.sample_ode("Linear", "velocity", 0, model_fn, z, dict(y=y, cfg_scale=3.0),
+                                      options.get("--sampling-method", "dopri5"), steps)
+        else:
+            expected = ref.sample_sde("Linear", "velocity", 0, model_fn, z, dict(y=y, cfg_scale=3.0),
+                                      options.get("--sampling-method", "Euler"),
+                                      options.get("--diffusion-form", "sigma"), 1.0,
+                                      options.get("--last-step", "Mean"), 0.04, steps)
+    expected = expected[:2]
+    if DEVICE == "cpu":
+        assert torch.equal(captured["latents"], expected)
+    else:
+        torch.testing.assert_close(captured["latents"], expected, atol=1e-5, rtol=0)

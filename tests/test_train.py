@@ -668,3 +668,79 @@ def test_train_records_the_block_and_sampling_rebuilds_it(tmp_path):
     # Forcing another design on those weights names the one they hold.
     with pytest.raises(ValueError, match="--block cross-attention"):
         run_main("sample.py", *bare, "--block", "adaln-zero", "--output", tmp_path / "x.png")
+
+
+# ---- SiT: the same network, trained on SiT's transport ------------------------------------------
+
+SIT = ["--model", "SiT-Nano/4", "--image-size", "16", "--vae", "none", "--num-classes", "2", "--num-workers", "0",
+       "--device", DEVICE]
+
+
+def test_a_sit_trains_resumes_bit_identically_and_records_its_transport(tmp_path, image_folder_path):
+    args = ["--data-path", image_folder_path, "--global-batch-size", "4", "--log-every", "1", "--ckpt-every", "2",
+            "--lr", "1e-3", *SIT, "--path-type", "GVP", "--grad-accum-steps", "2"]
+    run_main("train.py", *args, "--results-dir", tmp_path / "straight", "--max-steps", "4")
+    run_main("train.py", *args, "--results-dir", tmp_path / "stopped", "--max-steps", "2")
+    run_main("train.py", *args, "--results-dir", tmp_path / "stopped", "--max-steps", "4", "--resume", "auto")
+    straight = only_experiment(tmp_path / "straight")
+    final = load(straight / "checkpoints" / "0000004.pt")
+    assert_same_state(load(only_experiment(tmp_path / "stopped") / "checkpoints" / "0000004.pt"), final)
+    assert {k: final["args"][k] for k in ("path_type", "prediction", "loss_weight", "train_eps", "sample_eps")} == \
+        {"path_type": "GVP", "prediction": "velocity", "loss_weight": None, "train_eps": 0, "sample_eps": 0}
+    assert final["model"]["final_layer.linear.weight"].shape[0] == 4 * 4 * 6  # SiT's learn_sigma: 2 x 3 channels
+    losses = [r["loss"] for r in read_metrics(straight) if "loss" in r]
+    assert len(losses) == 4 and all(0 < loss < 10 for loss in losses)
+    assert "SiT Parameters:" in (straight / "log.txt").read_text()
+    # A changed objective is another run, not a continuation.
+    with pytest.raises(ValueError, match="--path-type GVP -> Linear"):
+        run_main("train.py", *args[:-4], "--grad-accum-steps", "2", "--results-dir", tmp_path / "stopped",
+                 "--max-steps", "6", "--resume", "auto")
+
+
+def test_a_sit_samples_through_every_command(tmp_path, image_folder_path):
+    run_main("train.py", "--data-path", image_folder_path, "--global-batch-size", "4", "--max-steps", "2",
+             "--results-dir", tmp_path / "r", *SIT, "--sample-every", "2", "--sample-steps", "3",
+             "--sample-grid-size", "4")
+    experiment = only_experiment(tmp_path / "r")
+    assert (experiment / "samples" / "0000002.png").is_file()  # the grid: SiT's ODE, as SiT's train.py
+    checkpoint = experiment / "checkpoints" / "0000002.pt"
+    for sampler in ("ode", "sde"):
+        run_main("sample.py", "--ckpt", checkpoint, "--sampler", sampler, "--num-sampling-steps", "3",
+                 "--class-labels", "0", "1", "--device", DEVICE, "--output", tmp_path / f"{sampler}.png")
+        assert Image.open(tmp_path / f"{sampler}.png").size == (2 * 16 + 3 * 2, 16 + 2 * 2)
+    run_main("sample_ddp.py", "--ckpt", checkpoint, "--sampler", "sde", "--num-sampling-steps", "3",
+             "--per-proc-batch-size", "2", "--num-fid-samples", "3", "--sample-dir", tmp_path / "s",
+             "--device", DEVICE)
+    batch = next((tmp_path / "s").glob("*.npz"))
+    assert "-sde" in batch.name
+    meta = json.loads((tmp_path / "s" / batch.stem / "meta.json").read_text())
+    assert (meta["sampler"], meta["path_type"], meta["diffusion_form"], meta["last_step"]) == \
+        ("sde", "Linear", "sigma", "Mean")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model", "DiT-Nano/4", "--path-type", "GVP"], "--path-type applies to SiT models only, not --model DiT-Nano/4"),
+    (["--model", "DiT-Nano/4", "--train-eps", "0.001"], "--train-eps applies to SiT models only"),
+    (["--model", "SiT-Nano/4", "--fid-sampler", "ddim", "--fid-every", "1"],
+     "--fid-sampler must be ode or sde for a SiT model, got 'ddim'"),
+    (["--model", "SiT-Nano/4", "--fid-sampler", "sde", "--fid-steps", "1"], "--fid-steps must be at least 2"),
+])
+def test_flags_of_the_other_objective_are_refused_by_name(tmp_path, image_folder_path, flags, message):
+    args = ["--data-path", image_folder_path, "--results-dir", tmp_path / "r", "--image-size", "16", "--vae", "none",
+            "--num-classes", "2", "--fid-ref", image_folder_path / "class_0" / "000.png", *flags]
+    with pytest.raises(ValueError, match=re.escape(message)):
+        run_main("train.py", *args)
+    assert not (tmp_path / "r").exists()
+
+
+def test_init_from_moves_weights_between_dit_and_sit(tmp_path, image_folder_path):
+    common = ["--data-path", image_folder_path, "--global-batch-size", "4", "--max-steps", "1"]
+    run_main("train.py", *common, *PIXEL, "--results-dir", tmp_path / "dit")
+    dit = only_experiment(tmp_path / "dit") / "checkpoints" / "0000001.pt"
+    run_main("train.py", *common, *SIT, "--results-dir", tmp_path / "sit", "--init-from", dit)
+    tensors = len(load(dit)["model"])
+    log = (only_experiment(tmp_path / "sit") / "log.txt").read_text()
+    assert f"Initialised from {dit}: loaded {tensors} of {tensors} tensors" in log
+    sit = only_experiment(tmp_path / "sit") / "checkpoints" / "0000001.pt"
+    run_main("train.py", *common, *PIXEL, "--results-dir", tmp_path / "back", "--init-from", sit)
+    assert f"loaded {tensors} of {tensors} tensors" in (only_experiment(tmp_path / "back") / "log.txt").read_text()
