@@ -267,6 +267,8 @@ def check_args(args: argparse.Namespace) -> None:
     if args.grad_clip is not None and not (math.isfinite(args.grad_clip) and args.grad_clip > 0):
         raise ValueError(f"--grad-clip must be a positive gradient norm, got {args.grad_clip} (a "
                          f"negative one reverses the gradient, 0 stops learning)")
+    if args.fid_ref is not None and not args.fid_every:
+        raise ValueError("--fid-ref only applies with --fid-every K (without it no FID is measured)")
     if args.keep_every is not None and args.keep_last is None:
         raise ValueError("--keep-every only applies with --keep-last (without it every checkpoint "
                          "is kept)")

@@ -111,6 +111,11 @@ def as_uint8_nchw(batch: np.ndarray, source: str) -> torch.Tensor:
     """NHWC (or NHW / NHW1 grey) uint8 -> (N, 3, H, W) uint8 tensor."""
     if batch.dtype != np.uint8:
         raise ValueError(f"{source}: images must be uint8, got {batch.dtype}")
+    if batch.ndim == 3 and batch.shape[-1] in (3, 4):
+        raise ValueError(f"{source}: an array of shape {batch.shape} is ambiguous: one {batch.shape[0]}x"
+                         f"{batch.shape[1]} image with {batch.shape[2]} channels, or {batch.shape[0]} grey images "
+                         f"{batch.shape[1]}x{batch.shape[2]}; store images as (N, H, W, 3) (one image: add a "
+                         f"first axis)")
     if batch.ndim == 3:
         batch = batch[..., None]
     if batch.ndim != 4 or batch.shape[-1] not in (1, 3):
@@ -148,13 +153,22 @@ def folder_batches(files: list, batch_size: int, image_size: Optional[int], star
         yield np.stack([load_checked(p) for p in chosen[offset: offset + batch_size]])
 
 
-def npz_keys(path: Path) -> list:
-    """The arrays an .npz holds, without reading them."""
+def open_npz(path: Path):
+    """np.load of an .npz archive, or a ValueError that says what the file is instead."""
     try:
-        with np.load(path) as data:
-            return list(data.files)
+        loaded = np.load(path)
     except (OSError, ValueError, zipfile.BadZipFile) as error:
         raise ValueError(f"cannot read {path} as an .npz file ({error})") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path} holds a single array (an .npy file), not an .npz archive of arr_0 or mu/sigma; "
+                         f"save it with np.savez")
+    return loaded
+
+
+def npz_keys(path: Path) -> list:
+    """The arrays an .npz holds, without reading them."""
+    with open_npz(path) as data:
+        return list(data.files)
 
 
 @contextmanager
@@ -192,11 +206,11 @@ def npz_batches(path: Path, batch_size: int, start: int = 0, stop: Optional[int]
 
 
 def read_npz(path: Path, keys: Optional[list] = None) -> dict:
-    try:
-        with np.load(path) as data:
+    with open_npz(path) as data:
+        try:
             return {key: data[key] for key in (keys if keys is not None else data.files)}
-    except (OSError, ValueError, zipfile.BadZipFile) as error:
-        raise ValueError(f"cannot read {path} as an .npz file ({error})") from None
+        except (OSError, ValueError, zipfile.BadZipFile) as error:
+            raise ValueError(f"cannot read {path} as an .npz file ({error})") from None
 
 
 CHUNK_IMAGES = 1000  # images per unit of work: what a process takes, caches and resumes

@@ -116,11 +116,11 @@ def load_digit_model(checkpoint: Path):
 
 
 @torch.no_grad()
-def draw(model, sampler: str, steps: int, interval, cfg_scale: float, labels: torch.Tensor,
+def draw(model, sampler, steps: int, interval, cfg_scale: float, labels: torch.Tensor,
          batch_size: int, seed: int) -> tuple[torch.Tensor, float]:
     """(samples in [-1, 1], seconds) for every label, guided when cfg_scale > 1; the noise depends
-    only on the seed."""
-    chosen = Sampler(sampler, steps)
+    only on the seed. `sampler` is a DiT sampler's name (with `steps`) or a built sampler."""
+    chosen = Sampler(sampler, steps) if isinstance(sampler, str) else sampler
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn(len(labels), model.in_channels, model.input_size, model.input_size, generator=generator)
     torch.manual_seed(seed)  # the ancestral sampler's own draws

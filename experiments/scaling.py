@@ -307,6 +307,8 @@ def main(argv=None) -> dict:
     unknown = [f"DiT-{s}/{p}" for s in args.sizes for p in args.patches if f"DiT-{s}/{p}" not in DiT_models]
     if unknown:
         raise SystemExit(f"not in models.DiT_models: {', '.join(unknown)}")
+    if args.eval_every < 1:
+        raise SystemExit(f"--eval-every must be at least 1 (steps between judged checkpoints), got {args.eval_every}")
     for flag, value in (("--steps", args.steps), ("--halve-lr-at", args.halve_lr_at)):
         if value < 0 or value % args.eval_every:
             raise SystemExit(f"{flag} {value} must be a multiple of --eval-every {args.eval_every}")

@@ -46,6 +46,8 @@ def test_cli_metrics_and_stats_from_a_folder(tmp_path, network, sets, features, 
     ("bad_network", "holds neither TorchScript nor torch-fidelity"),
     ("missing", "no such file or folder"),
     ("one_image", "holds 1 image(s); FID needs at least 2 for a covariance"),
+    ("one_image_hwc", "is ambiguous: one 8x8 image with 3 channels, or 8 grey images 8x3"),
+    ("npy_named_npz", "holds a single array (an .npy file), not an .npz archive"),
 ])
 def test_bad_inputs_are_one_line_errors(tmp_path, sets, case, message):
     inputs = tmp_path / "input.npz"
@@ -62,6 +64,11 @@ def test_bad_inputs_are_one_line_errors(tmp_path, sets, case, message):
         inputs = tmp_path / "nothing.npz"
     elif case == "one_image":
         np.savez(inputs, arr_0=np.zeros((1, 8, 8, 3), np.uint8))
+    elif case == "one_image_hwc":  # read as 8 grey images 8x3 wide, it gave FID 347.6 and exit 0
+        np.savez(inputs, arr_0=np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    elif case == "npy_named_npz":
+        with open(inputs, "wb") as handle:
+            np.save(handle, np.zeros((4, 8, 8, 3), np.uint8))
     network = fid_network_path()
     if case == "bad_network":
         network = tmp_path / "weights.pth"

@@ -149,6 +149,14 @@ def test_scaling_steps_must_fall_on_the_eval_grid(tmp_path, flag):
         scaling.main(["--out", str(tmp_path), "--steps", "1200", flag, "700"])
 
 
+@pytest.mark.parametrize("every", ["0", "-600"])
+def test_scaling_refuses_an_eval_every_below_one(tmp_path, every):
+    from experiments import scaling
+
+    with pytest.raises(SystemExit, match=f"--eval-every must be at least 1 .*, got {every}"):  # was ZeroDivisionError
+        scaling.main(["--out", str(tmp_path), "--eval-every", every])
+
+
 def test_scaling_training_record_adds_up_the_time_of_resumed_runs(tmp_path):
     from experiments import scaling
 
@@ -192,3 +200,22 @@ def test_ablation_script_smoke(tmp_path):
         pixels = np.asarray(curves.convert("L"))
     assert pixels.shape[0] > 100 and pixels.shape[1] > 100 and len(np.unique(pixels)) > 10
     assert "table, JSON and loss curves" in result.stdout
+
+
+@pytest.mark.slow  # two short train.py runs, the judge and twelve small sample sets: about two minutes on 2 cores
+def test_sit_vs_dit_smoke(tmp_path):
+    from experiments import sit_vs_dit
+
+    flags = ["--out", str(tmp_path), "--steps", "2", "--seeds", "0", "--samples", "20", "--digits", "100",
+             "--nproc", "1"]
+    rows = sit_vs_dit.main(flags)["rows"]
+    assert [(r["objective"], r["sampler"], r["evaluations"]) for r in rows] == [
+        (objective, name, evaluations) for objective, names in sit_vs_dit.SAMPLERS.items() for name in names
+        for evaluations in sit_vs_dit.EVALUATIONS]
+    assert all(math.isfinite(r["fd_digits"]) and r["fd_digits_std"] == 0 for r in rows)  # one seed: no spread
+    sit = torch.load(next((tmp_path / "runs" / "SiT-seed0").rglob("0000002.pt")), weights_only=True)
+    assert (sit["args"]["model"], sit["args"]["path_type"], sit["args"]["global_seed"]) == ("SiT-Nano/4", "Linear", 0)
+    # Stored results are reused: a rerun trains and samples nothing.
+    runs = (tmp_path / "runs.json").read_text()
+    sit_vs_dit.main(flags)
+    assert (tmp_path / "runs.json").read_text() == runs and (tmp_path / "sit_vs_dit.png").is_file()

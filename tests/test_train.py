@@ -551,6 +551,7 @@ def test_tiny_dit_training_drives_loss_down():
     (["--sample-cfg-scale", "nan"], "--sample-cfg-scale must be a number >= 1.0 (1.0 turns guidance off), got nan"),
     (["--fid-cfg-scale", "0.5"], "--fid-cfg-scale must be a number >= 1.0"),
     (["--fid-every", "2", "--fid-ref", "REF", "--fid-samples", "1"], "--fid-samples must be at least 2"),
+    (["--fid-ref", "REF"], "--fid-ref only applies with --fid-every K (without it no FID is measured)"),  # issue 34
 ])
 def test_every_bad_flag_is_one_line_before_any_work(tmp_path, image_folder_path, flags, message):
     """Table of issue 21: each bad value stops the run before any folder, checkpoint or output exists
