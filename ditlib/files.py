@@ -39,25 +39,31 @@ def atomic_write(path: Union[str, Path], expected_bytes: Optional[int] = None) -
     except BaseException as error:
         written = written or (tmp.stat().st_size if tmp.exists() else 0)
         tmp.unlink(missing_ok=True)
-        if out_of_space(error):
+        limit = storage_limit(error)
+        needed = f"{format_bytes(expected_bytes)} needed" if expected_bytes else \
+            f"more than the {format_bytes(written)} written before it stopped"
+        if limit == errno.EFBIG:
+            raise OSError(errno.EFBIG, f"cannot write {path}: File too large ({needed}; the process's file-size "
+                                       f"limit, ulimit -f, or the file system's largest file); files already "
+                                       f"there are intact") from None
+        if limit is not None:
             free = shutil.disk_usage(path.parent).free
-            needed = f"{format_bytes(expected_bytes)} needed" if expected_bytes else \
-                f"more than the {format_bytes(written)} written before it filled"
             raise OSError(errno.ENOSPC, f"cannot write {path}: No space left on device ({needed}, "
                                         f"{format_bytes(free)} free); files already there are intact") from None
         raise
 
 
-def out_of_space(error: BaseException) -> bool:
-    """Whether a full disk (or quota) is behind an error, however deeply it is chained: torch.save
-    reports one as a RuntimeError from its zip writer with the OSError as its context."""
+def storage_limit(error: BaseException) -> Optional[int]:
+    """The errno of a full disk, a quota or a file-size limit behind an error, however deeply it is
+    chained (torch.save reports one as a RuntimeError from its zip writer with the OSError as its
+    context); None when it is none of these."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return error.errno
         error = error.__cause__ or error.__context__
-    return False
+    return None
 
 
 def atomic_torch_save(obj, path: Union[str, Path]) -> None:

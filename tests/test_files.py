@@ -1,6 +1,10 @@
 """ditlib/files.py: atomic writes that never leave half a file."""
+import subprocess
+import sys
+
 import pytest
 import torch
+from helpers import ROOT
 
 from ditlib.files import atomic_torch_save
 
@@ -17,3 +21,22 @@ def test_interrupted_checkpoint_write_keeps_the_previous_file(tmp_path):
         atomic_torch_save({"step": 200, "payload": Explodes()}, path)
     assert torch.load(path, weights_only=True) == {"step": 100}
     assert [p.name for p in tmp_path.iterdir()] == ["0000100.pt"]
+
+
+def test_a_file_size_limit_is_named_and_the_previous_checkpoint_stays(tmp_path):
+    """Issue 34: under a file-size limit (errno 27, EFBIG) torch.save ended in 'RuntimeError ...
+    unexpected pos'; it is now one line, as a full disk is, and the last checkpoint is untouched."""
+    script = ("import resource, sys, torch\n"
+              "from ditlib.errors import one_line_errors\n"
+              "from ditlib.files import atomic_torch_save\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))\n"
+              "with one_line_errors():\n"
+              "    atomic_torch_save({'weights': torch.zeros(1_000_000)}, sys.argv[1])\n")
+    atomic_torch_save({"step": 100}, tmp_path / "last.pt")
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "last.pt")], capture_output=True, text=True,
+                            env={"PYTHONPATH": str(ROOT)}, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"-c: error: [Errno 27] cannot write {tmp_path / 'last.pt'}: File too large "
+                                    f"(4.0 MB needed; the process's file-size limit"), result.stderr
+    assert torch.load(tmp_path / "last.pt", weights_only=True) == {"step": 100}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
