@@ -44,6 +44,9 @@ def main(args: argparse.Namespace) -> None:
                 and Path(args.save_stats).resolve() == Path(path).resolve():
             raise ValueError(f"--save-stats {args.save_stats} is an input of this command; writing "
                              f"there would replace it: choose another file")
+    if args.save_stats is not None and Path(args.save_stats).exists() and not args.overwrite:
+        raise ValueError(f"--save-stats {args.save_stats} exists; pass --overwrite to replace it with the "
+                         f"statistics (a batch of images there would be lost), or choose another file")
     keep_memory_flat()  # image batches come and go: peak memory must not creep up with the count
     with distributed(args.device) as (rank, world_size, device):
         report(args, rank, world_size, device)
@@ -130,6 +133,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="the reference batch, in any of the same forms")
     parser.add_argument("--save-stats", default=None, metavar="OUT.npz",
                         help="write the statistics of the first input")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="let --save-stats replace an existing file")
     parser.add_argument("--inception", default=None, metavar="PATH",
                         help="local FID network weights (default: download)")
     parser.add_argument("--image-size", type=int, default=None,

@@ -7,12 +7,12 @@ For a row it fetches the official checkpoint and ADM's reference batch (resumabl
 --work-dir; or --ckpt / --ref-batch local files), runs sample_ddp.py with the row's settings under
 torchrun (resumable: rerun the same command after a stop), evaluates the batch with evaluate.py
 (also under torchrun, features cached per chunk), and prints measured against published with the
-spread to expect from 50,000 samples, writing report.json and report.md. --fast samples with
+spread to expect from 50,000 samples, writing report-<row>.json and .md (-fast with --fast, so rows
+never overwrite each other's reports in one --work-dir). --fast samples with
 DPM-Solver++ and a guidance interval instead: quicker, and labelled as not the paper's setting.
 """
 import argparse
 import json
-import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +21,7 @@ from typing import Optional
 from ditlib.errors import one_line_errors, require_positive
 from ditlib.files import atomic_write_text, file_digest
 from ditlib.pretrained import PRETRAINED_MODELS, download_model
+from ditlib.processes import run_child
 from ditlib.remote_files import download_file
 
 ROOT = Path(__file__).resolve().parent
@@ -106,7 +107,7 @@ def launch(script: str, flags: list, nproc: int) -> None:
         if nproc > 1 else []
     command = [sys.executable, *launcher, str(ROOT / script), *map(str, flags)]
     print("[reproduce] " + " ".join(command[1:]), flush=True)
-    subprocess.run(command, check=True, cwd=ROOT)
+    run_child(command, cwd=ROOT)
 
 
 def compare(measured: dict, row: Row, fast: bool) -> list:
@@ -123,6 +124,11 @@ def compare(measured: dict, row: Row, fast: bool) -> list:
                       "difference": round(value - published, 4), "tolerance": TOLERANCE[metric],
                       "within": None if fast else within})
     return lines
+
+
+def report_stem(row: str, fast: bool) -> str:
+    """report-XL-2-256-cfg1.5(-fast): one report per row and setting in a --work-dir."""
+    return f"report-{row.replace('/', '-')}" + ("-fast" if fast else "")
 
 
 def markdown(name: str, row: Row, lines: list, settings: dict) -> str:
@@ -150,6 +156,8 @@ def main(args: argparse.Namespace) -> Optional[dict]:
     row = ROWS[args.row]
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
+    if args.ckpt and not Path(args.ckpt).is_file():  # before a download starts
+        raise ValueError(f"--ckpt {args.ckpt}: no such file")
     checkpoint = Path(args.ckpt) if args.ckpt else download_model(row.checkpoint,
                                                                   work / "checkpoints")
     if args.ref_batch and Path(args.ref_batch).is_file():
@@ -180,9 +188,10 @@ def main(args: argparse.Namespace) -> Optional[dict]:
                 "reference_batch": str(reference), "reference_sha256": file_digest(reference),
                 "network": measured["network"]}
     report = {"settings": settings, "published": asdict(row), "comparison": lines}
-    atomic_write_text(work / "report.json", json.dumps(report, indent=1))
+    stem = report_stem(args.row, args.fast)
+    atomic_write_text(work / f"{stem}.json", json.dumps(report, indent=1))
     text = markdown(args.row, row, lines, settings)
-    atomic_write_text(work / "report.md", text)
+    atomic_write_text(work / f"{stem}.md", text)
     print(text)
     return report
 

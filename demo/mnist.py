@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ditlib.command_line import settings_from
+from ditlib.errors import one_line_errors
 from ditlib.images import to_uint8_images
 from ditlib.metrics import evaluate, image_features
 from experiments.digits import (
@@ -121,4 +122,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_errors():
+        main()

@@ -2,6 +2,7 @@
 import ctypes
 import logging
 import os
+import sys
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -115,3 +116,22 @@ def close_logger(logger: logging.Logger) -> None:
     for handler in list(logger.handlers):
         handler.close()
         logger.removeHandler(handler)
+
+
+def run_child(command: list, cwd: Optional[Union[str, Path]] = None, env: Optional[dict] = None) -> None:
+    """Run a project command as a child process, its output shown as it comes. If it fails, one
+    ChildProcessError (an OSError, so a command prints it as one line) names the command, its exit
+    status and the last line it wrote to stderr: the child's own one-line error."""
+    import subprocess
+
+    last = ""
+    with subprocess.Popen([str(part) for part in command], cwd=cwd, env=env, stderr=subprocess.PIPE,
+                          text=True, errors="replace") as child:
+        for line in child.stderr:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+            last = line.strip().split("\r")[-1].strip() or last
+    if child.returncode:
+        name = next((Path(part).name for part in command if str(part).endswith(".py")), str(command[0]))
+        raise ChildProcessError(f"{name} exited with status {child.returncode}: {last or 'no message'} "
+                                f"(command: {' '.join(map(str, command))})")

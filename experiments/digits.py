@@ -5,7 +5,6 @@ import argparse
 import gzip
 import json
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from ditlib.errors import one_line_errors
 from ditlib.images import center_crop_arr
 from ditlib.metrics import (
     InceptionNetwork,
@@ -27,6 +27,7 @@ from ditlib.metrics import (
     save_statistics,
     statistics,
 )
+from ditlib.processes import run_child
 from ditlib.samplers import Sampler, generate
 from ditlib.weights import ModelSource, load_model_for_sampling
 
@@ -178,7 +179,7 @@ def train(recipe: Recipe, data: Path, results: Path, *extra: str) -> Path:
     ]
     print("[mnist] " + " ".join(command[1:]), flush=True)
     threads = {"OMP_NUM_THREADS": "1"} if args.nproc > 1 else {}  # one thread per process beside others
-    subprocess.run(command, check=True, env={**os.environ, **threads})
+    run_child(command, env={**os.environ, **threads})
     return sorted(results.iterdir())[-1]
 
 
@@ -233,4 +234,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_errors():
+        main()

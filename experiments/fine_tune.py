@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ditlib.command_line import settings_from
+from ditlib.errors import one_line_errors
 from ditlib.images import to_uint8_images
 from ditlib.metrics import evaluate, image_features
 from experiments.digits import (
@@ -92,4 +93,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_errors():
+        main()

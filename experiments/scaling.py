@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ditlib.command_line import settings_from
+from ditlib.errors import one_line_errors
 from ditlib.files import atomic_write, atomic_write_text
 from ditlib.images import to_uint8_images
 from ditlib.metrics import frechet_distance, image_features
@@ -307,6 +308,12 @@ def main(argv=None) -> dict:
     unknown = [f"DiT-{s}/{p}" for s in args.sizes for p in args.patches if f"DiT-{s}/{p}" not in DiT_models]
     if unknown:
         raise SystemExit(f"not in models.DiT_models: {', '.join(unknown)}")
+    for flag, value in (("--steps", args.steps), ("--nproc", args.nproc),
+                        ("--global-batch-size", args.global_batch_size)):
+        if value < 1:
+            raise SystemExit(f"{flag} must be at least 1, got {value}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise SystemExit(f"--lr must be a positive number, got {args.lr}")
     if args.eval_every < 1:
         raise SystemExit(f"--eval-every must be at least 1 (steps between judged checkpoints), got {args.eval_every}")
     for flag, value in (("--steps", args.steps), ("--halve-lr-at", args.halve_lr_at)):
@@ -353,4 +360,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_errors():
+        main()

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ditlib.errors import one_line_errors
 from ditlib.files import atomic_write_text
 from ditlib.samplers import FlowSampler, Sampler
 from ditlib.weights import ModelSource, load_model_for_sampling
@@ -150,4 +151,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_errors():
+        main()

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+from helpers import make_image_folder
 
 from experiments.digits import as_model_input, digit_distance, main, real_digits, train_classifier
 
@@ -26,3 +27,16 @@ def test_fd_digits_sits_at_its_floor_for_real_digits_and_far_for_noise_and_one_c
     np.savez(tmp_path / "shuffled.npz", arr_0=np.repeat(digits[..., None], 3, -1),
              arr_1=np.random.default_rng(0).permutation(labels))
     assert main([str(tmp_path / "shuffled.npz")])["class_accuracy"] < 0.3
+
+
+def test_a_failing_training_run_is_one_line_naming_its_command(tmp_path):
+    """Issue 34: a train.py that refuses its flags ended the experiments in a CalledProcessError
+    traceback; now its own error line, the exit status and the command."""
+    from experiments.digits import Recipe, train
+
+    data = make_image_folder(tmp_path / "images")
+    with pytest.raises(ChildProcessError) as error:
+        train(Recipe(lr=float("nan"), max_steps=1, nproc=1), data, tmp_path / "runs")
+    message = str(error.value)
+    assert message.startswith("train.py exited with status 1: train.py: error: --lr must lie in [0, ")
+    assert "(command: " in message and "--lr nan" in message and "\n" not in message

@@ -91,6 +91,14 @@ def test_save_stats_never_replaces_an_input(tmp_path, sets):
         with pytest.raises(ValueError, match=f"--save-stats {re.escape(str(samples))} is an input of this command"):
             run_main("evaluate.py", *argv, "--inception", fid_network_path())
     assert samples.read_bytes() == before
+    # Issue 34: nor an existing file that is not an input (another sample batch), without --overwrite.
+    other = tmp_path / "other.npz"
+    other.write_bytes(before)
+    with pytest.raises(ValueError, match=f"--save-stats {re.escape(str(other))} exists; pass --overwrite"):
+        run_main("evaluate.py", sets["half_b"], "--save-stats", other, "--inception", fid_network_path())
+    assert other.read_bytes() == before
+    run_main("evaluate.py", sets["half_b"], "--save-stats", other, "--overwrite", "--inception", fid_network_path())
+    assert set(np.load(other).files) >= {"mu", "sigma"}
 
 
 def test_sets_of_other_sizes_and_flat_images_are_warned_about(network):

@@ -1,6 +1,7 @@
 """The experiments' scripts, smoke-sized: they run end to end and write what they promise."""
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -147,6 +148,20 @@ def test_scaling_steps_must_fall_on_the_eval_grid(tmp_path, flag):
 
     with pytest.raises(SystemExit, match=f"{flag} 700 must be a multiple of --eval-every 600"):
         scaling.main(["--out", str(tmp_path), "--steps", "1200", flag, "700"])
+
+
+@pytest.mark.parametrize("flags, message", [(["--steps", "0"], "--steps must be at least 1, got 0"),
+                                            (["--nproc", "0"], "--nproc must be at least 1, got 0"),
+                                            (["--global-batch-size", "0"], "--global-batch-size must be at least 1"),
+                                            (["--lr", "nan"], "--lr must be a positive number, got nan"),
+                                            (["--lr", "-1"], "--lr must be a positive number, got -1.0")])
+def test_scaling_checks_its_own_flags_before_any_work(tmp_path, flags, message):
+    """Issue 34: these ended in CalledProcessError from train.py after the set-up (about 50 s)."""
+    from experiments import scaling
+
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        scaling.main(["--out", str(tmp_path), *flags])
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("every", ["0", "-600"])

@@ -15,3 +15,19 @@ def test_cuda_without_a_gpu_is_an_error_not_a_fallback():
     with pytest.raises(SettingError, match="device must be auto, cuda or cpu, got 'gpu'"):
         resolve_device("gpu")
     assert resolve_device("cpu").type == "cpu"
+
+
+def test_a_failing_child_is_one_line_with_its_last_error_and_command(tmp_path, capfd):
+    import sys
+
+    from ditlib.processes import run_child
+    script = tmp_path / "child.py"
+    script.write_text("import sys\nprint('working', flush=True)\n"
+                      "sys.stderr.write('progress\\rchild.py: error: bad\\n')\nsys.exit(3)\n")
+    with pytest.raises(ChildProcessError) as error:
+        run_child([sys.executable, script, "--flag"])
+    assert str(error.value) == f"child.py exited with status 3: child.py: error: bad (command: {sys.executable} " \
+                               f"{script} --flag)"
+    output = capfd.readouterr()
+    assert "working" in output.out and "child.py: error: bad" in output.err  # shown as it came
+    run_child([sys.executable, "-c", "pass"])  # a success says nothing

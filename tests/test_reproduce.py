@@ -15,8 +15,20 @@ def test_list_shows_every_row_with_its_settings_and_published_values(capsys):
     assert "| XL/2-256 | DiT-XL/2 | 256 | 250 DDPM | 1.0 | mse | 9.62 |" in table
     assert "| XL/2-512-cfg1.5 | DiT-XL/2 | 512 | 250 DDPM | 1.5 | mse | 3.04 | 5.02 | 240.82 |" in table
     assert "| SiT-XL/2-256-cfg1.5 | SiT-XL/2 | 256 | 250 SDE | 1.5 | ema | 2.06 | - | 270.27 | - | - |" in table
+    # Issue 34: two rows (or a row and its --fast run) in one --work-dir keep their own reports.
+    from reproduce import report_stem
+    stems = {report_stem(row, fast) for row in ("XL/2-256-cfg1.5", "XL/2-256", "SiT-XL/2-256-cfg1.5")
+             for fast in (False, True)}
+    assert len(stems) == 6 and "report-XL-2-256-cfg1.5-fast" in stems
     with pytest.raises(ValueError, match="--row 'XL/2-1024' is not a published row"):
         run_main("reproduce.py", "--row", "XL/2-1024")
+
+
+def test_a_missing_checkpoint_is_named_before_any_download(tmp_path):
+    with pytest.raises(ValueError, match=f"--ckpt {tmp_path / 'nope.pt'}: no such file"):  # issue 34
+        run_main("reproduce.py", "--row", "XL/2-256", "--ckpt", tmp_path / "nope.pt", "--work-dir", tmp_path / "w",
+                 "--ref-batch", "http://127.0.0.1:9/unreachable.npz")
+    assert not (tmp_path / "w" / "checkpoints").exists()
 
 
 @pytest.mark.slow  # sample_ddp.py, evaluate.py and a download, each a process: about 40 s on 2 cores
@@ -43,8 +55,8 @@ def test_the_chain_runs_offline_and_reports_measured_against_published(tmp_path,
     assert rows["fid"]["within"] is False  # a 3-step toy model is not DiT-XL/2
     assert rows["inception_score"]["measured"] is None  # the TorchScript FID network has no logits
     assert report["settings"]["samples"] == 6 and "--cfg-scale" in report["settings"]["sample_flags"]
-    assert "| fid |" in (work / "report.md").read_text()
-    assert json.loads((work / "report.json").read_text())["settings"]["reference_sha256"] == \
+    assert "| fid |" in (work / "report-XL-2-256-cfg1.5.md").read_text()
+    assert json.loads((work / "report-XL-2-256-cfg1.5.json").read_text())["settings"]["reference_sha256"] == \
         __import__("hashlib").sha256((tmp_path / "ref.npz").read_bytes()).hexdigest()
 
 
