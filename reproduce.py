@@ -20,6 +20,7 @@ from typing import Optional
 
 from ditlib.errors import one_line_errors, require_positive
 from ditlib.files import atomic_write_text, file_digest
+from ditlib.metrics import check_reference_batch
 from ditlib.pretrained import PRETRAINED_MODELS, download_model
 from ditlib.processes import run_child
 from ditlib.remote_files import download_file
@@ -164,7 +165,7 @@ def main(args: argparse.Namespace) -> Optional[dict]:
         reference = Path(args.ref_batch)
     else:
         url = args.ref_batch or row.reference
-        reference = download_file(url, work / Path(url).name)
+        reference = download_file(url, work / Path(url).name, check=check_reference_batch)
 
     # The official checkpoint is the row's model; one of your own (--ckpt) carries its flags.
     model_flags = ["--model", row.model, "--image-size", row.image_size] if not args.ckpt else []

@@ -213,6 +213,21 @@ def read_npz(path: Path, keys: Optional[list] = None) -> dict:
             raise ValueError(f"cannot read {path} as an .npz file ({error})") from None
 
 
+def check_reference_batch(path: Path) -> None:
+    """A ValueError unless path is a batch as ADM's evaluator reads it: an .npz whose arr_0 holds
+    (N, H, W, 3) uint8 images and/or whose mu (2048,) and sigma (2048, 2048) are statistics. A cut
+    or foreign download fails here before it gets its name."""
+    keys = npz_keys(path)
+    if "arr_0" not in keys and "mu" not in keys:
+        raise ValueError(f"it holds neither images (arr_0) nor statistics (mu, sigma): {', '.join(keys) or 'nothing'}")
+    if "arr_0" in keys:
+        with npz_array_stream(path) as (shape, dtype, _):
+            if len(shape) != 4 or shape[-1] != 3 or dtype != np.uint8:
+                raise ValueError(f"its arr_0 is {shape} {dtype}, not (N, H, W, 3) uint8 images")
+    if "mu" in keys:
+        check_statistics(read_npz(path, ["mu", "sigma"]), str(path))
+
+
 CHUNK_IMAGES = 1000  # images per unit of work: what a process takes, caches and resumes
 
 

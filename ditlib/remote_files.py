@@ -2,6 +2,7 @@
 and renamed into place only when complete."""
 import http.client
 import os
+import re
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -47,7 +48,7 @@ def download_file(url: str, target: Path, sha256: Optional[str] = None,
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     try:
         with urllib.request.urlopen(request, timeout=60) as response, \
-                open(part, "ab" if response.status == 206 else "wb") as handle:  # 206: the server resumed
+                open(part, resume_mode(response, have)) as handle:
             try:
                 copy_response(response, handle, url)
             finally:  # what arrived is kept for the next try
@@ -67,3 +68,19 @@ def download_file(url: str, target: Path, sha256: Optional[str] = None,
                             f"at {target.resolve()} yourself") from error
     os.replace(part, target)
     return target
+
+
+def resume_mode(response, have: int) -> str:
+    """"ab" when the server sends the rest of a file from byte `have` on (206 with a Content-Range
+    that starts there), "wb" when it sends the whole file (200, or 206 from byte 0). A 206 from
+    elsewhere, or without a Content-Range, would splice wrong bytes into the file: an error."""
+    if response.status != 206:
+        return "wb"
+    header = response.headers.get("Content-Range") or ""
+    match = re.match(r"bytes (\d+)-", header)
+    start = int(match.group(1)) if match else None
+    if start == have:
+        return "ab"
+    if start == 0:
+        return "wb"
+    raise ValueError(f"the server answered a request for bytes {have}- with Content-Range {header or 'none'!r}")

@@ -79,22 +79,31 @@ def run_main(script: str, *args):
 
 
 class LoopbackServer:
-    """A loopback HTTP server whose response per path the test sets: (status, body, declared length)."""
+    """A loopback HTTP server whose response per path the test sets: (status, body, declared length).
+    A declared length of -1 sends no Content-Length (the body ends when the connection closes);
+    misbehave = "restart" answers a range request with 206 and the whole body from byte 0,
+    "wrong-range" with 206 and the rest but without a Content-Range."""
 
     def __init__(self):
         self.routes = {}
         self.ranges = []  # the Range header of every request (None when absent)
-        routes, ranges = self.routes, self.ranges
+        self.misbehave = None
+        routes, ranges, server = self.routes, self.ranges, self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
                 status, body, length = routes.get(self.path, (404, b"not found", None))
                 asked = self.headers.get("Range", "")
                 ranges.append(asked or None)
-                if asked.startswith("bytes=") and status == 200 and length is None:  # a resumed download
-                    status, body = 206, body[int(asked[6:].split("-")[0]):]
+                total, start = len(body), 0
+                if asked.startswith("bytes=") and status == 200 and length in (None, -1):  # a resumed download
+                    start = 0 if server.misbehave == "restart" else int(asked[6:].split("-")[0])
+                    status, body = 206, body[start:]
                 self.send_response(status)
-                self.send_header("Content-Length", str(length if length is not None else len(body)))
+                if length != -1:
+                    self.send_header("Content-Length", str(length if length is not None else len(body)))
+                if status == 206 and server.misbehave != "wrong-range":
+                    self.send_header("Content-Range", f"bytes {start}-{total - 1}/{total}")
                 self.end_headers()
                 self.wfile.write(body)
 
