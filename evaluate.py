@@ -65,7 +65,7 @@ def report(args: argparse.Namespace, rank: int, world_size: int, device) -> None
     if args.save_stats is not None and rank == 0:
         if "pool3" not in first:
             raise ValueError(f"{args.inputs} already holds statistics; --save-stats needs images")
-        written = save_statistics(args.save_stats, first, network.name)
+        written = save_statistics(args.save_stats, first, network)
         print(f"Wrote the statistics of {len(first['pool3'])} images to {written}")
     if args.reference is None:
         return

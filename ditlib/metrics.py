@@ -1,6 +1,7 @@
 """The FID network and the metrics on its features: FID, sFID, Inception Score, precision/recall,
 the features of image batches, folders and .npz files, and reference statistics (evaluate.py is
 the command line; train.py --fid-every and the experiments use these directly)."""
+import hashlib
 import importlib.util
 import sys
 import warnings
@@ -14,7 +15,7 @@ import torch
 from torch_fidelity import feature_extractor_inceptionv3 as fidelity_inception
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 
-from ditlib.files import atomic_write
+from ditlib.files import atomic_write, file_digest
 from ditlib.images import center_crop_arr, load_rgb
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -54,6 +55,8 @@ class InceptionNetwork:
         self.has_spatial = self.scripted is None or self.layers is not None
         self.name = f"TorchScript {Path(path).name}" if self.scripted is not None \
             else "torch-fidelity inception-v3-compat"
+        # What the features depend on: the weights' bytes (torch-fidelity's download is one fixed file).
+        self.digest = file_digest(path) if path is not None else "torch-fidelity-pt_inception-2015-12-05"
         self._spatial = None
 
     def _keep_spatial(self, module, inputs, output: torch.Tensor) -> None:
@@ -248,31 +251,51 @@ def extract(network: InceptionNetwork, source: str, batch_size: int = 50, image_
 
         def read(start: int, stop: int) -> Iterator[np.ndarray]:
             return folder_batches(files, batch_size, image_size, start, stop)
+
+        def chunk_contents(start: int, stop: int) -> str:  # names and bytes of the chunk's files
+            digest = hashlib.sha256()
+            for file in files[start:stop]:
+                digest.update(str(file.relative_to(path)).encode() + b"\0" + file_digest(file).encode())
+            return digest.hexdigest()
     elif path.is_file():
         keys = npz_keys(path)
+        contents = file_digest(path) if cache_dir is not None and "arr_0" in keys else None
         if "arr_0" not in keys and not {"mu", "sigma"} <= set(keys):
             raise ValueError(f"{source} has neither images (arr_0) nor statistics (mu, sigma); keys: {sorted(keys)}")
         if image_size is not None:
             raise ValueError(f"--image-size applies to image folders; {source} is an .npz")
         if {"mu", "sigma"} <= set(keys):  # stored statistics win, as in ADM's evaluator (images still give P/R)
-            stored = check_statistics(read_npz(path, [k for k in keys if k != "arr_0"]), source)
+            saved = read_npz(path, [k for k in keys if k != "arr_0"])
+            stored = check_statistics(saved, source)
+            if "network_sha256" in saved and str(saved["network_sha256"]) != network.digest:
+                raise ValueError(f"{source}: its statistics come from the network {saved['network']} (weights "
+                                 f"{str(saved['network_sha256'])[:12]}), not from {network.name} (weights "
+                                 f"{network.digest[:12]}); compute them again with this network "
+                                 f"(evaluate.py DATA --save-stats)")
         count = npz_length(path) if "arr_0" in keys else None
 
         def read(start: int, stop: int) -> Iterator[np.ndarray]:
             return npz_batches(path, batch_size, start, stop)
+
+        def chunk_contents(start: int, stop: int) -> str:
+            return contents
     else:
         raise ValueError(f"{source}: no such file or folder")
     result = {}
     if count is not None:
-        identity = f"{path.name}-{path.stat().st_size}-{path.stat().st_mtime_ns}-{network.name}-{image_size}"
+        def identity(start: int, stop: int) -> str:
+            """The cache's name for a chunk: its images' content, the network's weights, the crop."""
+            key = f"{chunk_contents(start, stop)}-{network.digest}-{image_size}-{start}-{stop}"
+            return hashlib.sha256(key.encode()).hexdigest()[:40]
+
         result = chunked_features(network, count, read, source, progress, rank, world_size,
-                                  cache_dir, identity.replace("/", "_").replace(" ", "_"), chunk_images)
+                                  cache_dir, identity, chunk_images)
     result.update(stored)
     return result
 
 
 def chunked_features(network: InceptionNetwork, count: int, read, source: str, progress: bool, rank: int,
-                     world_size: int, cache_dir: Optional[Path], identity: str, chunk_images: int) -> dict:
+                     world_size: int, cache_dir: Optional[Path], identity, chunk_images: int) -> dict:
     """Features of count images, chunk_images at a time: this rank's chunks computed (or read from
     cache_dir), every rank's gathered in order."""
     from tqdm import tqdm
@@ -286,7 +309,8 @@ def chunked_features(network: InceptionNetwork, count: int, read, source: str, p
             if index % world_size != rank:
                 continue
             stop = min(start + chunk_images, count)
-            cached = Path(cache_dir) / f"{identity}-{start:08d}-{stop:08d}.npz" if cache_dir is not None else None
+            cached = Path(cache_dir) / f"{identity(start, stop)}-{start:08d}-{stop:08d}.npz" \
+                if cache_dir is not None else None
             if cached is not None and cached.is_file():
                 mine[start] = read_npz(cached)
             else:
@@ -477,13 +501,14 @@ def evaluate(samples: dict, reference: dict) -> dict:
     return metrics
 
 
-def save_statistics(path: str, features: dict, network_name: str) -> Path:
+def save_statistics(path: str, features: dict, network: "InceptionNetwork") -> Path:
     """mu and sigma, and mu_s and sigma_s when the network gives them (ADM's layout), plus the pool3
-    features for precision/recall; written atomically."""
+    features for precision/recall and the network they come from (its name and its weights' digest);
+    written atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     spatial = {key: features[key] for key in ("mu_s", "sigma_s") if key in features}
     with atomic_write(path) as handle:
         np.savez(handle, mu=features["mu"], sigma=features["sigma"], pool3=features["pool3"].astype(np.float32),
-                 network=np.array(network_name), **spatial)
+                 network=np.array(network.name), network_sha256=np.array(network.digest), **spatial)
     return path

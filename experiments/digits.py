@@ -207,7 +207,7 @@ def fid_reference(network: InceptionNetwork, real: np.ndarray, indices: torch.Te
     if cache.is_file():
         return extract(network, str(cache), progress=False)
     features = image_features(network, real[indices], progress=True)
-    save_statistics(str(cache), features, network.name)
+    save_statistics(str(cache), features, network)
     return features
 
 

@@ -50,7 +50,7 @@ def test_fid_equals_a_direct_scipy_frechet_distance(features):
 
 
 def test_statistics_written_and_read_back_give_the_same_metrics(tmp_path, network, sets, features):
-    stats_path = metrics.save_statistics(str(tmp_path / "ref.npz"), features["half_b"], network.name)
+    stats_path = metrics.save_statistics(str(tmp_path / "ref.npz"), features["half_b"], network)
     from_stats = metrics.extract(network, str(stats_path), progress=False)
     assert set(from_stats) == {"mu", "sigma", "pool3", "mu_s", "sigma_s"}
     for key in ("mu", "sigma", "pool3", "mu_s",
