@@ -210,12 +210,13 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
             if done or at_checkpoint or state.train_steps % args.log_every == 0 \
                     or state.train_steps % HEALTH_CHECK_EVERY == 0:
                 done = health.check(stop, state.train_steps) or done
-            monitor.after_step(state, max_steps, rank, world_size, local_batch)
+            monitor.log(state, max_steps)
 
-            # Save DiT checkpoint:
+            # Save DiT checkpoint (before grids and FID, which can take minutes or fail):
             if at_checkpoint or done:
                 health.last_checkpoint = save_checkpoint(state, vars(args), out.checkpoint_dir,
                                                          rank, world_size, device, keep, logger)
+            monitor.evaluate(state, rank, world_size, local_batch)
             if done or end_of_epoch:
                 break
 

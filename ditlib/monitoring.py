@@ -119,10 +119,15 @@ class Monitor:
         self.grid_labels = (torch.arange(count) % settings.num_classes).to(device)
         self.grid_sampler = objective.sampler(None, settings.sample_steps)
 
-    def after_step(self, state: TrainState, max_steps: int, rank: int, world_size: int, local_batch: int) -> None:
-        settings, step = self.settings, state.train_steps
-        if step % settings.log_every == 0:
+    def log(self, state: TrainState, max_steps: int) -> None:
+        """The official log line, at every log_every-th step."""
+        if state.train_steps % self.settings.log_every == 0:
             self.log_line(state, max_steps)
+
+    def evaluate(self, state: TrainState, rank: int, world_size: int, local_batch: int) -> None:
+        """Sample grids and FID, due at this step. train.py calls it after the step's checkpoint is
+        written, so an evaluation that fails or is stopped loses no training."""
+        settings, step = self.settings, state.train_steps
         evaluated = time.time()
         if settings.sample_every and step % settings.sample_every == 0 and rank == 0:
             grid = self.out.experiment_dir / "samples" / f"{step:07d}.png"
@@ -177,6 +182,10 @@ class FidMonitor:
         self.network = rank_zero_first(rank, lambda: InceptionNetwork(settings.inception, device))
         # Statistics (evaluate.py --save-stats, ADM's batches) or images, whose statistics are computed here.
         self.reference = extract(self.network, settings.fid_ref, progress=False)
+        dims = self.reference["mu"].shape[0]
+        if dims != 2048:  # checked now, not at the first FID after hours of training
+            raise ValueError(f"--fid-ref {settings.fid_ref}: its statistics have {dims} dimensions, the FID "
+                             f"network's pool3 features 2048 (statistics of another network?)")
 
     def measure(self, ema, data: TrainingData, rank: int, world_size: int, batch_size: int,
                 device: torch.device) -> Optional[dict]:

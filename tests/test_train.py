@@ -650,6 +650,24 @@ def test_fid_reference_may_be_images(tmp_path, image_folder_path):
     assert record["step"] == 1 and np.isfinite(record["fid"]) and record["fid"] > 0
 
 
+def test_a_wrong_fid_reference_is_refused_before_training_and_the_checkpoint_precedes_the_fid(tmp_path,
+                                                                                          image_folder_path):
+    """Issue 34: statistics of the wrong shape were accepted at start and the run failed at its first
+    FID, before that step's checkpoint was written; now they are refused before any folder exists, and
+    a due checkpoint is written before the evaluations of its step."""
+    from helpers import fid_network_path
+    np.savez(tmp_path / "small.npz", mu=np.zeros(64), sigma=np.eye(64))
+    common = ["--data-path", image_folder_path, "--global-batch-size", "4", "--max-steps", "1", "--fid-every", "1",
+              "--fid-samples", "2", "--fid-steps", "2", "--inception", fid_network_path(), *PIXEL]
+    with pytest.raises(ValueError, match="its statistics have 64 dimensions, the FID network's pool3 features 2048"):
+        run_main("train.py", *common, "--results-dir", tmp_path / "r", "--fid-ref", tmp_path / "small.npz")
+    assert not (tmp_path / "r").exists()
+    np.savez(tmp_path / "images.npz", arr_0=np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8))
+    run_main("train.py", *common, "--results-dir", tmp_path / "ok", "--fid-ref", tmp_path / "images.npz")
+    log = (only_experiment(tmp_path / "ok") / "log.txt").read_text()
+    assert log.index("Saved checkpoint") < log.index("FID-2:")
+
+
 def test_train_records_the_block_and_sampling_rebuilds_it(tmp_path):
     data = make_image_folder(tmp_path / "images", per_class=4)
     run_main("train.py", "--data-path", data, "--results-dir", tmp_path / "results", "--model", "DiT-Nano/4",
