@@ -57,6 +57,9 @@ def sample_settings(args: argparse.Namespace, config: ModelConfig, sampler, worl
         "cfg_interval": list(settings_from(SamplingSettings, vars(args)).interval() or []) or None,
         "cfg_channels": args.cfg_channels,
         "label_sampling": args.label_sampling, "global_seed": args.global_seed,
+        # Equal labels are a shuffle of all --num-fid-samples: another count gives every index
+        # another label, so a folder of one count is never topped up to another.
+        "equal_labels_of": args.num_fid_samples if args.label_sampling == "equal" else None,
         "world_size": world_size, "per_proc_batch_size": args.per_proc_batch_size,
         "device": device.type, "tf32": args.tf32 if device.type == "cuda" else None,
         "sampler_version": SAMPLER_VERSION, "torch": torch.__version__,

@@ -125,3 +125,12 @@ def test_equal_label_sampling_gives_every_class_the_same_count(tmp_path, trained
         assert np.bincount(npz["arr_1"]).tolist() == [5, 5]
     meta = json.loads((folder / "meta.json").read_text())
     assert (meta["label_sampling"], meta["cfg_channels"]) == ("equal", "all")
+    # Issue 34: a larger --num-fid-samples reshuffles every label, so the 10 images there would keep
+    # labels (and draws) of another run; such a folder is refused, not topped up.
+    with pytest.raises(ValueError, match="equal_labels_of 10 there, 12 now"):
+        run_main("sample_ddp.py", *args, "--num-fid-samples", "12", "--label-sampling", "equal",
+                 "--cfg-channels", "all")
+    run_main("sample_ddp.py", *args, "--num-fid-samples", "12", "--label-sampling", "equal", "--cfg-channels", "all",
+             "--overwrite")
+    with np.load(folder.with_name(folder.name + ".npz")) as npz:
+        assert np.bincount(npz["arr_1"]).tolist() == [6, 6]
