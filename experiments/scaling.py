@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ditlib.checkpoints import read_checkpoint
 from ditlib.command_line import settings_from
 from ditlib.errors import one_line_errors
 from ditlib.files import atomic_write, atomic_write_text
@@ -138,12 +139,27 @@ def latest_step(results: Path) -> int:
     return max((step_of(c) for c in results.glob("*/checkpoints/*.pt")), default=0)
 
 
+def check_trained_as(results: Path, args, halve_at) -> None:
+    """Refuse to continue or relabel a cell whose checkpoints were trained with another recipe: a
+    batch, warm-up, EMA or size of their own, or another rate before or after the halving step."""
+    for checkpoint in sorted(results.glob("*/checkpoints/*.pt")):
+        saved, step = read_checkpoint(checkpoint)["args"], step_of(checkpoint)
+        lr = args.lr / 2 if halve_at is not None and step > halve_at else args.lr
+        for flag, now in (("global_batch_size", args.global_batch_size), ("warmup_steps", args.warmup_steps),
+                          ("ema_decay", args.ema_decay), ("image_size", args.image_size), ("lr", lr)):
+            if saved.get(flag) != now:
+                raise SystemExit(f"{checkpoint} was trained with --{flag.replace('_', '-')} {saved.get(flag)}, this "
+                                 f"grid asks for {now} at step {step}: it would be continued or reported as "
+                                 f"another recipe; use another --out")
+
+
 def run_cell(args, size: str, patch: int, data: Path, judge: Judge, recipe: dict) -> dict:
     """Train one cell to --steps (continuing its run; at --lr / 2 past --halve-lr-at), judge each
     checkpoint, and the last one in full."""
     model_name = f"DiT-{size}/{patch}"
     results = args.out / "runs" / model_name.replace("/", "-")
     halve_at = args.halve_lr_at if 0 < args.halve_lr_at < args.steps else None
+    check_trained_as(results, args, halve_at)
 
     def run(steps: int, lr: float, *extra: str) -> Path:
         return train(replace(settings_from(Recipe, vars(args)), model=model_name, max_steps=steps, lr=lr), data,

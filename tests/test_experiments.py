@@ -1,4 +1,5 @@
 """The experiments' scripts, smoke-sized: they run end to end and write what they promise."""
+import argparse
 import json
 import math
 import re
@@ -234,3 +235,21 @@ def test_sit_vs_dit_smoke(tmp_path):
     runs = (tmp_path / "runs.json").read_text()
     sit_vs_dit.main(flags)
     assert (tmp_path / "runs.json").read_text() == runs and (tmp_path / "sit_vs_dit.png").is_file()
+
+
+def test_scaling_refuses_to_continue_or_relabel_a_grid_trained_otherwise(tmp_path):
+    """Issue 34: a constant-rate grid rerun with --halve-lr-at 200 was reported as halved although
+    nothing was retrained, and a changed --global-batch-size was continued without a word."""
+    from experiments import scaling
+
+    recipe = dict(global_batch_size=64, warmup_steps=100, ema_decay=0.995, image_size=16, lr=1.5e-3)
+    checkpoints = tmp_path / "000-DiT-Pico-8" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    for step in (200, 400):  # trained at a constant rate
+        torch.save({"args": recipe}, checkpoints / f"{step:07d}.pt")
+    grid = argparse.Namespace(**recipe)
+    scaling.check_trained_as(tmp_path, grid, None)  # the same recipe: continued
+    with pytest.raises(SystemExit, match="0000400.pt was trained with --lr 0.0015, this grid asks for 0.00075 at step"):
+        scaling.check_trained_as(tmp_path, grid, 200)
+    with pytest.raises(SystemExit, match="trained with --global-batch-size 64, this grid asks for 32"):
+        scaling.check_trained_as(tmp_path, argparse.Namespace(**{**recipe, "global_batch_size": 32}), None)
