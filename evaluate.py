@@ -45,8 +45,9 @@ def main(args: argparse.Namespace) -> None:
             raise ValueError(f"--save-stats {args.save_stats} is an input of this command; writing "
                              f"there would replace it: choose another file")
     if args.save_stats is not None and Path(args.save_stats).exists() and not args.overwrite:
-        raise ValueError(f"--save-stats {args.save_stats} exists; pass --overwrite to replace it with the "
-                         f"statistics (a batch of images there would be lost), or choose another file")
+        raise ValueError(f"--save-stats {args.save_stats} exists; pass --overwrite to replace it "
+                         f"with the statistics (a batch of images there would be lost), or choose "
+                         f"another file")
     keep_memory_flat()  # image batches come and go: peak memory must not creep up with the count
     with distributed(args.device) as (rank, world_size, device):
         report(args, rank, world_size, device)

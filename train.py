@@ -269,7 +269,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--grad-clip must be a positive gradient norm, got {args.grad_clip} (a "
                          f"negative one reverses the gradient, 0 stops learning)")
     if args.fid_ref is not None and not args.fid_every:
-        raise ValueError("--fid-ref only applies with --fid-every K (without it no FID is measured)")
+        raise ValueError("--fid-ref only applies with --fid-every K (without it no FID is "
+                         "measured)")
     if args.keep_every is not None and args.keep_last is None:
         raise ValueError("--keep-every only applies with --keep-last (without it every checkpoint "
                          "is kept)")
