@@ -740,13 +740,14 @@ def test_a_sit_samples_through_every_command(tmp_path, image_folder_path):
 @pytest.mark.parametrize("flags, message", [
     (["--model", "DiT-Nano/4", "--path-type", "GVP"], "--path-type applies to SiT models only, not --model DiT-Nano/4"),
     (["--model", "DiT-Nano/4", "--train-eps", "0.001"], "--train-eps applies to SiT models only"),
-    (["--model", "SiT-Nano/4", "--fid-sampler", "ddim", "--fid-every", "1"],
+    (["--model", "SiT-Nano/4", "--fid-sampler", "ddim", "--fid-every", "1", "--fid-ref", "REF"],
      "--fid-sampler must be ode or sde for a SiT model, got 'ddim'"),
     (["--model", "SiT-Nano/4", "--fid-sampler", "sde", "--fid-steps", "1"], "--fid-steps must be at least 2"),
 ])
 def test_flags_of_the_other_objective_are_refused_by_name(tmp_path, image_folder_path, flags, message):
+    reference = image_folder_path / "class_0" / "000.png"
     args = ["--data-path", image_folder_path, "--results-dir", tmp_path / "r", "--image-size", "16", "--vae", "none",
-            "--num-classes", "2", "--fid-ref", image_folder_path / "class_0" / "000.png", *flags]
+            "--num-classes", "2", *[reference if flag == "REF" else flag for flag in flags]]
     with pytest.raises(ValueError, match=re.escape(message)):
         run_main("train.py", *args)
     assert not (tmp_path / "r").exists()
