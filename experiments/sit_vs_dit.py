@@ -134,7 +134,7 @@ def main(argv=None) -> dict:
                 continue
             recipe = Recipe(model=f"{objective}-Nano/4", max_steps=args.steps, nproc=args.nproc)
             experiment = train(recipe, data, args.out / "runs" / key, "--global-seed", str(seed),
-                               "--log-every", "100")
+                               "--log-every", str(min(100, args.steps)))  # a loss record at the end
             records = [json.loads(line) for line in (experiment / "metrics.jsonl").read_text().splitlines()]
             runs[key] = {"steps": args.steps, "samples_per_set": args.samples,
                          "final_loss": [r["loss"] for r in records if "loss" in r][-1],
