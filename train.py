@@ -216,7 +216,11 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
             if at_checkpoint or done:
                 health.last_checkpoint = save_checkpoint(state, vars(args), out.checkpoint_dir,
                                                          rank, world_size, device, keep, logger)
-            monitor.evaluate(state, rank, world_size, local_batch)
+            if monitor.evaluate(state, rank, world_size, local_batch, stop):  # FID cut short
+                if not (at_checkpoint or done):
+                    health.last_checkpoint = save_checkpoint(state, vars(args), out.checkpoint_dir,
+                                                             rank, world_size, device, keep, logger)
+                done = True
             if done or end_of_epoch:
                 break
 

@@ -124,9 +124,10 @@ class Monitor:
         if state.train_steps % self.settings.log_every == 0:
             self.log_line(state, max_steps)
 
-    def evaluate(self, state: TrainState, rank: int, world_size: int, local_batch: int) -> None:
-        """Sample grids and FID, due at this step. train.py calls it after the step's checkpoint is
-        written, so an evaluation that fails or is stopped loses no training."""
+    def evaluate(self, state: TrainState, rank: int, world_size: int, local_batch: int, stop: dict) -> bool:
+        """Sample grids and FID, due at this step; True when a stop request (on any rank) cut the FID
+        short. train.py calls it after the step's checkpoint is written, so an evaluation that fails
+        or is stopped loses no training."""
         settings, step = self.settings, state.train_steps
         evaluated = time.time()
         if settings.sample_every and step % settings.sample_every == 0 and rank == 0:
@@ -134,15 +135,21 @@ class Monitor:
             self.write_sample_grid(state.ema, grid)
             if self.out.tracker is not None:
                 self.out.tracker.log_image("samples", grid, step)
+        interrupted = False
         if settings.fid_every and step % settings.fid_every == 0:
-            record = self.fid.measure(state.ema, self.data, rank, world_size, local_batch, self.device)
-            if rank == 0:
+            record = self.fid.measure(state.ema, self.data, rank, world_size, local_batch, self.device, stop)
+            interrupted = record is STOPPED
+            if interrupted:
+                self.out.logger.info(f"(step={step:07d}) FID-{settings.fid_samples} not measured: stopped by "
+                                     f"{stop['name'] or 'another rank'} after {time.time() - evaluated:.1f} s")
+            elif rank == 0:
                 record = {"step": step, **record, "fid_seconds": time.time() - evaluated}
                 self.out.logger.info(f"(step={step:07d}) FID-{settings.fid_samples}: {record['fid']:.4f} (EMA "
                                      f"weights, {settings.fid_sampler} {settings.fid_steps} steps, cfg-scale "
                                      f"{settings.fid_cfg_scale}, {record['fid_seconds']:.1f} s)")
                 write_record(self.out.metrics_file, record, self.out.tracker)
         self.start_time += time.time() - evaluated  # throughput counts training only
+        return interrupted
 
     def log_line(self, state: TrainState, max_steps: int) -> None:
         """The official log line (loss averaged over ranks and steps, steps/s), with throughput, peak
@@ -188,11 +195,14 @@ class FidMonitor:
                              f"network's pool3 features 2048 (statistics of another network?)")
 
     def measure(self, ema, data: TrainingData, rank: int, world_size: int, batch_size: int,
-                device: torch.device) -> Optional[dict]:
-        """Collective: on rank 0 the FID record, None elsewhere."""
+                device: torch.device, stop: dict) -> Optional[dict]:
+        """Collective: on rank 0 the FID record, None elsewhere; STOPPED on every rank when a stop
+        request came before the last batch (a scheduler's grace period is shorter than an FID)."""
         settings = self.settings
         local = rank_fid_features(ema, data.vae, self.network, self.sampler, settings, rank, world_size,
-                                  data.channels, data.latent_size, batch_size, device)
+                                  data.channels, data.latent_size, batch_size, device, stop)
+        if local is None:
+            return STOPPED
         gathered = [None] * world_size
         dist.all_gather_object(gathered, local)
         if rank != 0:
@@ -202,19 +212,28 @@ class FidMonitor:
                 "fid_steps": settings.fid_steps, "fid_cfg_scale": settings.fid_cfg_scale}
 
 
+STOPPED = "stopped"  # FidMonitor.measure's answer when a stop request cut the evaluation short
+
+
 @torch.no_grad()
 def rank_fid_features(ema, vae, network: InceptionNetwork, sampler: Sampler, settings: Monitoring, rank: int,
                       world_size: int, channels: int, latent_size: int, batch_size: int,
-                      device: torch.device) -> np.ndarray:
+                      device: torch.device, stop: Optional[dict] = None) -> Optional[np.ndarray]:
     """One rank's share of the FID samples, as pool3 features. Each rank's noise and labels are the
     same at every evaluation, so successive FIDs differ only by the weights; the training RNG is
-    untouched."""
+    untouched. With stop (collective), every rank asks before each batch whether any rank was asked
+    to stop, and all return None if so."""
     generator = torch.Generator().manual_seed(settings.global_seed * world_size + rank)
     count = len(range(rank, settings.fid_samples, world_size))
+    rounds = math.ceil(len(range(0, settings.fid_samples, world_size)) / batch_size)  # rank 0 has the most
     features = []
     with forked_rng(device):
         torch.manual_seed(settings.global_seed * world_size + rank)
-        for start in range(0, count, batch_size):
+        for start in range(0, rounds * batch_size, batch_size):
+            if stop is not None and any_rank_stopping(stop, device):
+                return None
+            if start >= count:
+                continue
             n = min(batch_size, count - start)
             noise = torch.randn(n, channels, latent_size, latent_size, generator=generator).to(device)
             labels = torch.randint(0, settings.num_classes, (n,), generator=generator).to(device)
@@ -272,6 +291,13 @@ def progress_bar(rank: int, initial: int, total: int):
     finally:
         bar.close()
 
+
+
+def any_rank_stopping(stop: dict, device: torch.device) -> bool:
+    """Collective: whether any rank was asked to stop."""
+    flag = torch.tensor(float(stop["name"] is not None), device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 class Health:

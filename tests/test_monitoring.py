@@ -1,8 +1,13 @@
 """ditlib/monitoring.py: the log line's running metrics and FID during training (the grids, the
 health checks and stop requests end to end in test_train.py)."""
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from helpers import DDP, DDP_DEVICE, PIXEL, load, only_experiment, read_metrics, run_main, run_script
 
 from ditlib.command_line import settings_from
@@ -70,3 +75,37 @@ def test_loss_terms_are_averaged_by_timestep_quartile():
         record = running.reduce()
     assert record == {"loss": 3.0, "grad_norm": 3.0, "loss_q0": 1.5, "loss_q1": 3.0, "loss_q3": 5.0,
                       "mse_q0": 1.0, "mse_q1": 1.0, "mse_q3": 1.0}  # no sample in q2, no vb term
+
+
+def fid_share_with_a_stop(rank: int, store_path: str, out_dir: str, stop_after: int) -> None:
+    """One of two ranks sampling its FID share; rank 1 is asked to stop after stop_after batches."""
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        ema = DiT_models["DiT-Nano/4"](input_size=16, in_channels=3, num_classes=2).eval()
+        stop, batches = {"name": None}, []
+
+        def network(images):
+            batches.append(len(images))
+            if rank == 1 and len(batches) == stop_after:
+                stop["name"] = "SIGTERM"
+            return (torch.zeros(len(images), 2048),)
+
+        settings = Monitoring(fid_samples=5, num_classes=2)
+        share = rank_fid_features(ema, None, network, Sampler("ddim", 2), settings, rank, 2, 3, 16, 2,
+                                  torch.device("cpu"), stop)
+        result = {"batches": batches, "rows": None if share is None else len(share)}
+        (Path(out_dir) / f"{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("stop_after,expected", [
+    (99, [{"batches": [2, 1], "rows": 3}, {"batches": [2], "rows": 2}]),  # uneven shares, no stop
+    (1, [{"batches": [2], "rows": None}, {"batches": [2], "rows": None}]),  # rank 1 stopped: both end
+])
+def test_a_stop_on_any_rank_ends_every_ranks_fid_share_at_the_next_batch(tmp_path, stop_after, expected):
+    """Issue 34 case 7: an FID during training ran to its end after SIGTERM. Every rank asks before
+    each batch (the same number of times, though rank 0's share can be a batch longer)."""
+    mp.spawn(fid_share_with_a_stop, args=(str(tmp_path / "store"), str(tmp_path), stop_after), nprocs=2)
+    assert [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)] == expected

@@ -151,6 +151,39 @@ def test_sample_grid_and_sigterm_checkpoint(tmp_path, image_folder_path):
     assert Image.open(grid).size == (2 * 16 + 3 * 2, 2 * 16 + 3 * 2)  # 2x2 grid, torchvision's 2px padding
 
 
+def test_sigterm_interrupts_a_running_fid_and_checkpoints_its_step(tmp_path, image_folder_path):
+    """Issue 34 case 7: a SIGTERM during FID-in-training waited for the FID (5 min 28 s), past a
+    scheduler's grace period, and no checkpoint of that step was due. Now the FID stops within a
+    batch and the step is saved."""
+    from helpers import fid_network_path
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    command = [sys.executable, "train.py", "--data-path", str(image_folder_path), "--results-dir",
+               str(tmp_path / "r"), "--global-batch-size", "4", "--log-every", "1", "--ckpt-every", "1000",
+               "--fid-every", "2", "--fid-ref", str(tmp_path / "ref.npz"), "--fid-samples", "100000",
+               "--fid-steps", "2", "--inception", str(fid_network_path()), *PIXEL]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if "(step=0000002) Train Loss" in line:
+            break
+    time.sleep(3)  # inside the FID: 100,000 samples take hours here
+    process.send_signal(signal.SIGTERM)
+    try:
+        output = "".join(lines) + process.communicate(timeout=60)[0]
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail("the run was still in its FID 60 s after SIGTERM:\n" + "".join(lines) + process.communicate()[0])
+    assert process.returncode == 0, output
+    assert re.search(r"\(step=0000002\) FID-100000 not measured: stopped by SIGTERM after [\d.]+ s", output), output
+    assert "Stopped by SIGTERM at step 2" in output
+    experiment = only_experiment(tmp_path / "r")
+    assert [p.name for p in (experiment / "checkpoints").iterdir()] == ["0000002.pt"]
+    assert load(experiment / "checkpoints" / "0000002.pt")["train_steps"] == 2
+    assert not any("fid" in r for r in read_metrics(experiment))
+
+
 def test_non_finite_loss_names_the_step_and_keeps_the_last_checkpoint(tmp_path, image_folder_path):
     common = ["--data-path", image_folder_path, "--global-batch-size", "4", "--max-steps", "40", "--lr", "1e30", *PIXEL]
     result = run_script("train.py", *common, "--results-dir", tmp_path / "results", "--ckpt-every", "1", check=False)
