@@ -105,6 +105,23 @@ def remove_stale_temporaries(folder: Union[str, Path], older_than: float) -> tup
     return count, freed
 
 
+def require_writable(folder: Union[str, Path], contents: str) -> None:
+    """Create, sync and remove a small file in folder, so that one a run cannot write in (its
+    permissions, a read-only mount, a quota) is found before the work whose results it is to hold.
+    A probe left by a kill has atomic_write's temporary name, which remove_stale_temporaries clears."""
+    probe = Path(folder) / f".write-probe.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    try:
+        with open(probe, "xb") as handle:
+            handle.write(b"\0")
+            handle.flush()
+            os.fsync(handle.fileno())
+        probe.unlink()
+    except OSError as error:
+        probe.unlink(missing_ok=True)
+        raise OSError(error.errno, f"cannot write in {folder}, where {contents} go: "
+                                   f"{error.strerror or error}; checked before any work") from None
+
+
 def file_digest(path: Union[str, Path]) -> str:
     """SHA-256 of a file, read in 16 MB pieces."""
     digest = hashlib.sha256()

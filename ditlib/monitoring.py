@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ditlib.datasets import TrainingData
-from ditlib.files import atomic_write, format_bytes, remove_stale_temporaries
+from ditlib.files import atomic_write, format_bytes, remove_stale_temporaries, require_writable
 from ditlib.images import save_image_grid, to_uint8_images
 from ditlib.latents import decode
 from ditlib.metrics import InceptionNetwork, as_uint8_nchw, extract, frechet_distance, statistics
@@ -335,13 +335,7 @@ def open_outputs(flags: dict, rank: int, resumed_from: Optional[Path], resumed_s
     experiment_dir, notes = rank_zero_decides(rank, lambda: claim_experiment(flags["results_dir"], flags["model"],
                                                                              resumed_from, scope))
     checkpoint_dir = experiment_dir / "checkpoints"
-    if rank == 0:
-        checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        removed, freed = remove_stale_temporaries(checkpoint_dir, older_than=started)
-        if removed:
-            notes.append(f"Removed {removed} temporary file(s) of an interrupted checkpoint write "
-                         f"({format_bytes(freed)})")
-    dist.barrier()
+    notes += rank_zero_decides(rank, lambda: prepare_checkpoint_dir(checkpoint_dir, started))
     logger = create_logger(experiment_dir, rank)
     scope.callback(close_logger, logger)
     logger.info(f"Experiment directory created at {experiment_dir}")
@@ -352,6 +346,17 @@ def open_outputs(flags: dict, rank: int, resumed_from: Optional[Path], resumed_s
         if out.tracker is not None:
             scope.callback(out.tracker.close)
     return out
+
+
+def prepare_checkpoint_dir(checkpoint_dir: Path, started: float) -> list:
+    """Create the folder, clear what a killed checkpoint write left, and find out now, not at the
+    first save hours later, whether checkpoints can be written there. Lines for the log."""
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    removed, freed = remove_stale_temporaries(checkpoint_dir, older_than=started)
+    require_writable(checkpoint_dir, "the checkpoints")
+    if removed:
+        return [f"Removed {removed} temporary file(s) of an interrupted checkpoint write ({format_bytes(freed)})"]
+    return []
 
 
 def open_metrics(path: Path, resumed_step: Optional[int]):

@@ -1,5 +1,6 @@
 """What the tests share: the device they run on, small data they make, ways to run the scripts, a
 loopback server, and the real data and FID network that ship in wheels."""
+import builtins
 import hashlib
 import http.server
 import json
@@ -173,3 +174,16 @@ def assert_same_state(a: dict, b: dict) -> None:
 
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def refuse_writes_in(monkeypatch, folder, code: int = 13) -> None:
+    """ditlib.files opens nothing for writing in folder, as in a folder the process may not write
+    in (EACCES), a read-only mount (EROFS) or a full quota (EDQUOT); as root, a chmod cannot show
+    it: root writes anyway."""
+    from ditlib import files
+
+    def guarded_open(path, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wxa") and str(path).startswith(str(folder)):
+            raise OSError(code, os.strerror(code), str(path))
+        return builtins.open(path, mode, *args, **kwargs)
+    monkeypatch.setattr(files, "open", guarded_open, raising=False)

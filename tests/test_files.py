@@ -1,12 +1,14 @@
 """ditlib/files.py: atomic writes that never leave half a file."""
+import errno
+import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from helpers import ROOT
+from helpers import ROOT, refuse_writes_in
 
-from ditlib.files import atomic_torch_save
+from ditlib.files import atomic_torch_save, require_writable
 
 
 def test_interrupted_checkpoint_write_keeps_the_previous_file(tmp_path):
@@ -40,3 +42,14 @@ def test_a_file_size_limit_is_named_and_the_previous_checkpoint_stays(tmp_path):
                                     f"(4.0 MB needed; the process's file-size limit"), result.stderr
     assert torch.load(tmp_path / "last.pt", weights_only=True) == {"step": 100}
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_require_writable_probes_and_leaves_nothing(tmp_path, monkeypatch):
+    require_writable(tmp_path, "the checkpoints")
+    assert list(tmp_path.iterdir()) == []
+    for code in (errno.EACCES, errno.EROFS, errno.EDQUOT):
+        refuse_writes_in(monkeypatch, tmp_path, code)
+        with pytest.raises(OSError, match=f"cannot write in {tmp_path}, where the checkpoints go: "
+                                          f"{os.strerror(code)}; checked before any work") as raised:
+            require_writable(tmp_path, "the checkpoints")
+        assert raised.value.errno == code and list(tmp_path.iterdir()) == []

@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from helpers import LoopbackServer, fid_network_path, run_main
+from helpers import LoopbackServer, fid_network_path, refuse_writes_in, run_main
 
 
 def test_list_shows_every_row_with_its_settings_and_published_values(capsys):
@@ -29,6 +29,20 @@ def test_a_missing_checkpoint_is_named_before_any_download(tmp_path):
         run_main("reproduce.py", "--row", "XL/2-256", "--ckpt", tmp_path / "nope.pt", "--work-dir", tmp_path / "w",
                  "--ref-batch", "http://127.0.0.1:9/unreachable.npz")
     assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_a_work_dir_that_cannot_be_written_is_named_before_any_child_runs(tmp_path, monkeypatch):
+    """Issue 34 case 12: a read-only --work-dir ended in sample_ddp.py's CalledProcessError."""
+    import reproduce
+    (tmp_path / "model.pt").write_bytes(b"")
+    (tmp_path / "ref.npz").write_bytes(b"")
+    (tmp_path / "w").mkdir()
+    refuse_writes_in(monkeypatch, tmp_path / "w", 30)  # EROFS: a read-only mount
+    monkeypatch.setattr(reproduce, "launch", lambda *args: pytest.fail(f"launched {args}"))
+    with pytest.raises(OSError, match=f"cannot write in {tmp_path / 'w'}, where the --work-dir's downloads, samples, "
+                                      f"features and reports go: Read-only file system; checked before any work"):
+        run_main("reproduce.py", "--row", "XL/2-256", "--ckpt", tmp_path / "model.pt", "--ref-batch",
+                 tmp_path / "ref.npz", "--work-dir", tmp_path / "w")
 
 
 @pytest.mark.slow  # sample_ddp.py, evaluate.py and a download, each a process: about 40 s on 2 cores

@@ -184,6 +184,24 @@ def test_sigterm_interrupts_a_running_fid_and_checkpoints_its_step(tmp_path, ima
     assert not any("fid" in r for r in read_metrics(experiment))
 
 
+def test_a_checkpoint_folder_that_cannot_be_written_is_found_before_training(tmp_path, image_folder_path,
+                                                                             monkeypatch):
+    """Issue 34 case 9: checkpoints/ that the run may not write in was found at the first save,
+    after the steps were trained. Now it is the first thing found, in one line."""
+    from helpers import refuse_writes_in
+    common = ["--data-path", image_folder_path, "--results-dir", tmp_path / "r", "--global-batch-size", "4",
+              "--max-steps", "3", "--ckpt-every", "3", "--log-every", "1", *PIXEL]
+    run_main("train.py", *common)
+    checkpoints = only_experiment(tmp_path / "r") / "checkpoints"
+    refuse_writes_in(monkeypatch, checkpoints)
+    with pytest.raises(PermissionError, match=f"cannot write in {re.escape(str(checkpoints))}, where the checkpoints "
+                                              f"go: Permission denied; checked before any work"):
+        run_main("train.py", *common, "--max-steps", "6", "--resume", "auto")
+    log = (checkpoints.parent / "log.txt").read_text()
+    assert log.count("Train Loss") == 3 and "Resumed" not in log  # nothing trained after the first run
+    assert [p.name for p in checkpoints.iterdir()] == ["0000003.pt"]
+
+
 def test_non_finite_loss_names_the_step_and_keeps_the_last_checkpoint(tmp_path, image_folder_path):
     common = ["--data-path", image_folder_path, "--global-batch-size", "4", "--max-steps", "40", "--lr", "1e30", *PIXEL]
     result = run_script("train.py", *common, "--results-dir", tmp_path / "results", "--ckpt-every", "1", check=False)
