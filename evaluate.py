@@ -22,7 +22,7 @@ import torch
 
 from ditlib.command_line import add_device_flags
 from ditlib.errors import one_line_errors, require_positive
-from ditlib.files import atomic_write_text
+from ditlib.files import atomic_write_text, check_output_file
 from ditlib.metrics import (
     CHUNK_IMAGES,
     IS_SPLIT_SIZE,
@@ -48,6 +48,9 @@ def main(args: argparse.Namespace) -> None:
         raise ValueError(f"--save-stats {args.save_stats} exists; pass --overwrite to replace it "
                          f"with the statistics (a batch of images there would be lost), or choose "
                          f"another file")
+    for flag, path in (("--save-stats", args.save_stats), ("--json", args.json)):
+        if path is not None:  # found now, not after the features of 50,000 images
+            check_output_file(path, flag)
     keep_memory_flat()  # image batches come and go: peak memory must not creep up with the count
     with distributed(args.device) as (rank, world_size, device):
         report(args, rank, world_size, device)

@@ -159,7 +159,7 @@ def main(args: argparse.Namespace) -> Optional[dict]:
     if args.ckpt and not Path(args.ckpt).is_file():  # before a download starts
         raise ValueError(f"--ckpt {args.ckpt}: no such file")
     work.mkdir(parents=True, exist_ok=True)
-    require_writable(work, "the --work-dir's downloads, samples, features and reports")
+    require_writable(work, "--work-dir")
     checkpoint = Path(args.ckpt) if args.ckpt else download_model(row.checkpoint,
                                                                   work / "checkpoints")
     if args.ref_batch and Path(args.ref_batch).is_file():

@@ -13,6 +13,7 @@ import torch
 
 from ditlib.command_line import add_device_flags, add_model_flags, add_sampler_flags, settings_from
 from ditlib.errors import one_line_errors, require_positive
+from ditlib.files import check_output_file
 from ditlib.images import check_image_path, save_image_grid
 from ditlib.latents import decode
 from ditlib.processes import resolve_device
@@ -32,6 +33,7 @@ def main(args: argparse.Namespace) -> Path:
                          "likelihood")
     require_positive(nrow=args.nrow)
     check_image_path(args.output, "--output")
+    check_output_file(args.output, "--output")
     # The official sample.py turns TF32 on for matmuls and cuDNN (a no-op before Ampere and on CPU).
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     torch.backends.cudnn.allow_tf32 = args.tf32

@@ -27,7 +27,7 @@ from ditlib.command_line import add_device_flags, add_model_flags, add_sampler_f
 from ditlib.errors import one_line_errors, require_positive
 from ditlib.files import atomic_write, file_digest, format_bytes, remove_stale_temporaries
 from ditlib.images import readable_png, save_png, to_uint8_images
-from ditlib.latents import decode
+from ditlib.latents import decode, vae_identity
 from ditlib.pretrained import PRETRAINED_MODELS
 from ditlib.processes import distributed, rank_zero_decides
 from ditlib.samplers import NoNetwork, SamplingSettings, generate
@@ -42,16 +42,16 @@ SAMPLER_VERSION = 1
 def sample_settings(args: argparse.Namespace, config: ModelConfig, sampler, world_size: int,
                     device: torch.device) -> dict:
     """Everything that decides which image lands under which index (--num-fid-samples only decides
-    how many): the weights by content, the model, the sampler and its options, the random streams
+    how many): the weights and a local VAE by content, the model, the sampler and its options, the random streams
     (seed, world size, batch, device), TF32, and the versions of the code."""
-    vae = config.vae if config.vae in ("ema", "mse", "none") else str(Path(config.vae).resolve())
     local = args.ckpt is not None and not official_name(args.ckpt)
     return {
         "checkpoint_sha256": file_digest(args.ckpt) if local else None,
         "pretrained": None if local else
         f"{config.model.replace('/', '-')}-{config.image_size}x{config.image_size}.pt",
         "weights": args.weights, "model": config.model, "block": config.block,
-        "image_size": config.image_size, "num_classes": config.num_classes, "vae": vae,
+        "image_size": config.image_size, "num_classes": config.num_classes,
+        **vae_identity(config.vae),  # a local VAE folder by its path and its files' SHA-256
         "sampler": sampler.name, "num_sampling_steps": args.num_sampling_steps,
         "eta": args.eta if sampler.name == "ddim" else None, "cfg_scale": args.cfg_scale,
         "cfg_interval": list(settings_from(SamplingSettings, vars(args)).interval() or []) or None,

@@ -118,8 +118,18 @@ def require_writable(folder: Union[str, Path], contents: str) -> None:
         probe.unlink()
     except OSError as error:
         probe.unlink(missing_ok=True)
-        raise OSError(error.errno, f"cannot write in {folder}, where {contents} go: "
-                                   f"{error.strerror or error}; checked before any work") from None
+        raise OSError(error.errno, f"cannot write in {folder} ({contents}): {error.strerror or error}; "
+                                   f"checked before any work") from None
+
+
+def check_output_file(path: Union[str, Path], flag: str) -> None:
+    """An output file's folder, created and probed before the work whose result it is to hold (a
+    typo'd or read-only destination was found only when that result was written)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a folder; give a file name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    require_writable(path.parent, f"the folder of {flag} {path.name}")
 
 
 def file_digest(path: Union[str, Path]) -> str:

@@ -353,7 +353,7 @@ def prepare_checkpoint_dir(checkpoint_dir: Path, started: float) -> list:
     first save hours later, whether checkpoints can be written there. Lines for the log."""
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     removed, freed = remove_stale_temporaries(checkpoint_dir, older_than=started)
-    require_writable(checkpoint_dir, "the checkpoints")
+    require_writable(checkpoint_dir, "where the checkpoints go")
     if removed:
         return [f"Removed {removed} temporary file(s) of an interrupted checkpoint write ({format_bytes(freed)})"]
     return []

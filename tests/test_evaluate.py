@@ -5,7 +5,7 @@ import re
 
 import numpy as np
 import pytest
-from helpers import fid_network_path, run_main, run_script
+from helpers import fid_network_path, refuse_writes_in, run_main, run_script
 from PIL import Image
 
 from ditlib import metrics
@@ -101,6 +101,21 @@ def test_save_stats_never_replaces_an_input(tmp_path, sets):
     assert other.read_bytes() == before
     run_main("evaluate.py", sets["half_b"], "--save-stats", other, "--overwrite", "--inception", fid_network_path())
     assert set(np.load(other).files) >= {"mu", "sigma"}
+
+
+def test_an_output_that_cannot_be_written_is_found_before_any_feature(tmp_path, sets, monkeypatch):
+    """Issue 34, second pass: --save-stats or --json in a folder the run may not write in (or
+    --json naming a folder) failed after every image's features were computed."""
+    import evaluate
+    monkeypatch.setattr(evaluate, "report", lambda *args: pytest.fail("features were extracted"))
+    (tmp_path / "folder.json").mkdir()
+    with pytest.raises(ValueError, match=f"--json {re.escape(str(tmp_path / 'folder.json'))} is a folder"):
+        run_main("evaluate.py", sets["half_a"], sets["half_b"], "--json", tmp_path / "folder.json")
+    refuse_writes_in(monkeypatch, tmp_path / "out")
+    for flag in ("--save-stats", "--json"):
+        with pytest.raises(PermissionError, match=f"cannot write in {re.escape(str(tmp_path / 'out'))} \\(the "
+                                                  f"folder of {flag} x\\): Permission denied; checked before any work"):
+            run_main("evaluate.py", sets["half_a"], sets["half_b"], flag, tmp_path / "out" / "x")
 
 
 def test_sets_of_other_sizes_and_flat_images_are_warned_about(network):

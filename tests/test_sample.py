@@ -5,7 +5,7 @@ from pathlib import Path
 import official_reference as official
 import pytest
 import torch
-from helpers import DEVICE, digest, run_main, run_script
+from helpers import DEVICE, digest, refuse_writes_in, run_main, run_script
 from PIL import Image
 
 from ditlib.remote_files import DownloadError
@@ -101,6 +101,17 @@ def test_bad_sample_flags_are_named_before_any_work(tmp_path, trained_checkpoint
         run_main("sample.py", "--ckpt", trained_checkpoint, "--device", DEVICE, "--class-labels", "0", "--output",
                  tmp_path / "x.png", *flags)
     assert not (tmp_path / "x.png").exists()
+
+
+def test_an_output_folder_that_cannot_be_written_is_found_before_sampling(tmp_path, trained_checkpoint,
+                                                                           monkeypatch):
+    """Issue 34, second pass: --output in a read-only folder was found when the grid was saved."""
+    import sample
+    monkeypatch.setattr(sample, "load_model_for_sampling", lambda *args, **kwargs: pytest.fail("sampled"))
+    refuse_writes_in(monkeypatch, tmp_path / "grids", 30)
+    with pytest.raises(OSError, match=re.escape(f"cannot write in {tmp_path / 'grids'} (the folder of --output "
+                                                f"x.png): Read-only file system; checked before any work")):
+        run_main("sample.py", "--ckpt", trained_checkpoint, "--output", tmp_path / "grids" / "x.png")
 
 
 def test_unreachable_hub_vae_is_a_one_line_error(tmp_path, trained_checkpoint):

@@ -2,6 +2,7 @@
 import hashlib
 import json
 import os
+import shutil
 import time
 
 import numpy as np
@@ -87,6 +88,23 @@ def test_sample_ddp_never_mixes_images_of_different_settings(tmp_path, trained_c
     (folder / "meta.json").unlink()
     with pytest.raises(ValueError, match="holds PNGs but no meta.json"):
         run_main("sample_ddp.py", "--ckpt", other, *args)
+
+
+def test_a_local_vae_replaced_in_place_is_not_topped_up(tmp_path, trained_checkpoint, tiny_vae_path):
+    """Issue 34, second pass: meta.json named a local VAE folder by its path, so a folder retrained
+    in place topped up the old images with images of the new decoder (as the evaluation cache did)."""
+    from diffusers.models import AutoencoderKL
+    vae = tmp_path / "vae"
+    shutil.copytree(tiny_vae_path, vae)
+    args = ["--ckpt", trained_checkpoint, "--vae", vae, "--sample-dir", tmp_path / "s", "--per-proc-batch-size",
+            "2", "--num-sampling-steps", "2", "--device", DEVICE]
+    run_main("sample_ddp.py", *args, "--num-fid-samples", "2")
+    retrained = AutoencoderKL.from_pretrained(vae)
+    with torch.no_grad():
+        retrained.decoder.conv_out.bias += 0.5
+    retrained.save_pretrained(vae)
+    with pytest.raises(ValueError, match=r"other settings \(vae_sha256 '[0-9a-f]{64}' there, '[0-9a-f]{64}' now\)"):
+        run_main("sample_ddp.py", *args, "--num-fid-samples", "4")
 
 
 def test_sample_ddp_rejects_guidance_below_one(tmp_path, trained_checkpoint):

@@ -194,8 +194,8 @@ def test_a_checkpoint_folder_that_cannot_be_written_is_found_before_training(tmp
     run_main("train.py", *common)
     checkpoints = only_experiment(tmp_path / "r") / "checkpoints"
     refuse_writes_in(monkeypatch, checkpoints)
-    with pytest.raises(PermissionError, match=f"cannot write in {re.escape(str(checkpoints))}, where the checkpoints "
-                                              f"go: Permission denied; checked before any work"):
+    with pytest.raises(PermissionError, match=f"cannot write in {re.escape(str(checkpoints))} \\(where the "
+                                              f"checkpoints go\\): Permission denied; checked before any work"):
         run_main("train.py", *common, "--max-steps", "6", "--resume", "auto")
     log = (checkpoints.parent / "log.txt").read_text()
     assert log.count("Train Loss") == 3 and "Resumed" not in log  # nothing trained after the first run
