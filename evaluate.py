@@ -22,7 +22,7 @@ import torch
 
 from ditlib.command_line import add_device_flags
 from ditlib.errors import one_line_errors, require_positive
-from ditlib.files import atomic_write_text, check_output_file
+from ditlib.files import atomic_write_text, check_output_file, check_output_folder
 from ditlib.metrics import (
     CHUNK_IMAGES,
     IS_SPLIT_SIZE,
@@ -35,7 +35,8 @@ from ditlib.processes import distributed, keep_memory_flat, rank_zero_first
 
 
 def main(args: argparse.Namespace) -> None:
-    require_positive(batch_size=args.batch_size, chunk_images=args.chunk_images)
+    require_positive(batch_size=args.batch_size, chunk_images=args.chunk_images,
+                     image_size=args.image_size)
     if args.save_stats is None and args.reference is None:
         raise ValueError("give a reference batch to compare with, or --save-stats OUT.npz to write "
                          "statistics")
@@ -51,6 +52,8 @@ def main(args: argparse.Namespace) -> None:
     for flag, path in (("--save-stats", args.save_stats), ("--json", args.json)):
         if path is not None:  # found now, not after the features of 50,000 images
             check_output_file(path, flag)
+    if args.cache_dir is not None:
+        check_output_folder(args.cache_dir, "--cache-dir")
     keep_memory_flat()  # image batches come and go: peak memory must not creep up with the count
     with distributed(args.device) as (rank, world_size, device):
         report(args, rank, world_size, device)

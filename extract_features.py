@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 
-from ditlib.errors import one_line_errors, require_positive
-from ditlib.files import atomic_write_text
+from ditlib.errors import one_line_errors, require_non_negative, require_positive
+from ditlib.files import atomic_write_text, check_output_folder
 from ditlib.images import image_folder
 from ditlib.latents import (
     FEATURES_META,
@@ -43,10 +43,12 @@ def main(args: argparse.Namespace) -> None:
     if args.image_size <= 0 or args.image_size % 8:
         raise ValueError(f"--image-size {args.image_size} must be a positive multiple of 8")
     require_positive(batch_size=args.batch_size)
+    require_non_negative(num_workers=args.num_workers)
     if (Path(args.features_path) / FEATURES_META).is_file() and not args.overwrite:
         raise ValueError(f"--features-path {args.features_path} holds a finished extraction; "
                          f"choose another folder, or pass --overwrite to replace it (until the new "
                          f"one finishes, neither is usable)")
+    check_output_folder(args.features_path, "--features-path")
     with distributed(args.device) as (rank, world_size, device):
         extract(args, rank, world_size, device)
 
@@ -58,7 +60,6 @@ def extract(args: argparse.Namespace, rank: int, world_size: int, device: torch.
     out = Path(args.features_path)
     identity = vae_identity(args.vae) if rank == 0 else None
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
         # --overwrite: the folder is incomplete until meta.json returns
         (out / FEATURES_META).unlink(missing_ok=True)
     dist.barrier()

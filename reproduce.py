@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from ditlib.errors import one_line_errors, require_positive
-from ditlib.files import atomic_write_text, file_digest, require_writable
+from ditlib.files import atomic_write_text, check_output_folder, file_digest
 from ditlib.metrics import check_reference_batch
 from ditlib.pretrained import PRETRAINED_MODELS, download_model
 from ditlib.processes import run_child
@@ -158,8 +158,7 @@ def main(args: argparse.Namespace) -> Optional[dict]:
     work = Path(args.work_dir)
     if args.ckpt and not Path(args.ckpt).is_file():  # before a download starts
         raise ValueError(f"--ckpt {args.ckpt}: no such file")
-    work.mkdir(parents=True, exist_ok=True)
-    require_writable(work, "--work-dir")
+    check_output_folder(work, "--work-dir")
     checkpoint = Path(args.ckpt) if args.ckpt else download_model(row.checkpoint,
                                                                   work / "checkpoints")
     if args.ref_batch and Path(args.ref_batch).is_file():

@@ -25,7 +25,13 @@ from tqdm import tqdm
 
 from ditlib.command_line import add_device_flags, add_model_flags, add_sampler_flags, settings_from
 from ditlib.errors import one_line_errors, require_positive
-from ditlib.files import atomic_write, file_digest, format_bytes, remove_stale_temporaries
+from ditlib.files import (
+    atomic_write,
+    check_output_folder,
+    file_digest,
+    format_bytes,
+    remove_stale_temporaries,
+)
 from ditlib.images import readable_png, save_png, to_uint8_images
 from ditlib.latents import decode, vae_identity
 from ditlib.pretrained import PRETRAINED_MODELS
@@ -145,6 +151,7 @@ def main(args: argparse.Namespace) -> None:
     settings.check(min_cfg_scale=1.0)  # checked first; the official script asserts cfg-scale >= 1
     require_positive(per_proc_batch_size=args.per_proc_batch_size,
                      num_fid_samples=args.num_fid_samples)
+    check_output_folder(args.sample_dir, "--sample-dir")
     with distributed(args.device) as (rank, world_size, device):
         sample(args, settings, rank, world_size, device)
 

@@ -25,7 +25,8 @@ from torch.utils.data import DataLoader
 
 from ditlib.command_line import add_device_flags, add_transport_flags, settings_from
 from ditlib.datasets import DataSource, load_data
-from ditlib.errors import flag_names, one_line_errors, require_positive
+from ditlib.errors import flag_names, one_line_errors, require_non_negative, require_positive
+from ditlib.files import check_output_folder
 from ditlib.monitoring import (
     HEALTH_CHECK_EVERY,
     FidMonitor,
@@ -57,6 +58,7 @@ from models import BLOCK_DESIGNS
 
 def main(args: argparse.Namespace) -> None:
     check_args(args)
+    check_output_folder(args.results_dir, "--results-dir")
     with distributed(args.device) as (rank, world_size, device), ExitStack() as scope:
         train(args, rank, world_size, device, scope)
 
@@ -259,6 +261,7 @@ def check_args(args: argparse.Namespace) -> None:
     require_positive(**{name: getattr(args, name) for name in (
         "global_batch_size", "grad_accum_steps", "epochs", "log_every", "ckpt_every", "max_steps",
         "keep_last", "keep_every", "sample_steps", "sample_grid_size", "fid_samples", "fid_steps")})
+    require_non_negative(num_workers=args.num_workers)
     for flag in ("sample_every", "fid_every", "warmup_steps"):
         if getattr(args, flag) < 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 0 (0: never), got "

@@ -57,3 +57,10 @@ def require_positive(**values) -> None:
     for name, value in values.items():
         if value is not None and value < 1:
             raise SettingError(name, f"must be at least 1, got {value}")
+
+
+def require_non_negative(**values) -> None:
+    """Each integer setting must be 0 or more (a count of worker processes, 0: none)."""
+    for name, value in values.items():
+        if value < 0:
+            raise SettingError(name, f"must be 0 or more, got {value}")

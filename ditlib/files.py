@@ -122,14 +122,25 @@ def require_writable(folder: Union[str, Path], contents: str) -> None:
                                    f"checked before any work") from None
 
 
+def check_output_folder(folder: Union[str, Path], what: str) -> None:
+    """An output folder (`what`: the flag that names it), created and probed before the work whose
+    results it is to hold (a typo'd or read-only destination was found only when they were written)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{what}: {folder} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ValueError(f"{what}: {folder} cannot be created, as part of its path is a file") from None
+    require_writable(folder, what)
+
+
 def check_output_file(path: Union[str, Path], flag: str) -> None:
-    """An output file's folder, created and probed before the work whose result it is to hold (a
-    typo'd or read-only destination was found only when that result was written)."""
+    """An output file's folder, created and probed before the work whose result it is to hold."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{flag} {path} is a folder; give a file name")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    require_writable(path.parent, f"the folder of {flag} {path.name}")
+    check_output_folder(path.parent, f"the folder of {flag} {path.name}")
 
 
 def file_digest(path: Union[str, Path]) -> str:

@@ -6,7 +6,7 @@ import sys
 import pytest
 from helpers import ROOT
 
-from ditlib.errors import SettingError, first_line, flag_names, require_positive
+from ditlib.errors import SettingError, first_line, flag_names, require_non_negative, require_positive
 
 
 def test_a_setting_error_names_the_setting_and_becomes_its_flag():
@@ -33,6 +33,12 @@ def test_require_positive_names_the_first_bad_setting():
     require_positive(batch_size=1, chunk_images=None)  # None: not set
     with pytest.raises(SettingError, match="^chunk_images must be at least 1, got 0"):
         require_positive(batch_size=4, chunk_images=0)
+
+
+def test_require_non_negative_lets_zero_through():
+    require_non_negative(num_workers=0)
+    with pytest.raises(SettingError, match="^num_workers must be 0 or more, got -1"):
+        require_non_negative(num_workers=-1)
 
 
 def test_first_line_of_an_error():

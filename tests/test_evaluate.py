@@ -118,6 +118,20 @@ def test_an_output_that_cannot_be_written_is_found_before_any_feature(tmp_path, 
             run_main("evaluate.py", sets["half_a"], sets["half_b"], flag, tmp_path / "out" / "x")
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--cache-dir", "FILE"], "--cache-dir: FILE is a file, not a folder"),  # was [Errno 17] after the first chunk
+    (["--image-size", "0"], "--image-size must be at least 1, got 0"),  # was PIL's "height and width must be > 0"
+])
+def test_a_bad_folder_flag_is_named_before_any_feature(tmp_path, sets, monkeypatch, flags, message):
+    """Issue 34, second pass."""
+    import evaluate
+    monkeypatch.setattr(evaluate, "report", lambda *args: pytest.fail("features were extracted"))
+    (tmp_path / "file").write_text("notes")
+    flags = [str(tmp_path / "file") if flag == "FILE" else flag for flag in flags]
+    with pytest.raises(ValueError, match=f"^{re.escape(message.replace('FILE', str(tmp_path / 'file')))}$"):
+        run_main("evaluate.py", sets["half_a"], sets["half_b"], *flags)
+
+
 def test_sets_of_other_sizes_and_flat_images_are_warned_about(network):
     import evaluate
     flat = metrics.image_features(network, np.zeros((3, 16, 16), np.uint8))

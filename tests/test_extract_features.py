@@ -1,6 +1,7 @@
 """extract_features.py: latents stored once give the same training as on-the-fly encoding, name their
 VAE for good, and keep a finished set."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -89,3 +90,21 @@ def test_latents_name_their_vae_for_good_and_a_finished_set_is_kept(tmp_path, im
     with pytest.raises(ValueError, match="holds a finished extraction; choose another folder, or pass --overwrite"):
         run_main("extract_features.py", *extract)
     assert meta_file.read_bytes() == before
+
+
+@pytest.mark.parametrize("case, message", [
+    ("file-as-folder", "--features-path: {features} is a file, not a folder"),  # was [Errno 17] File exists
+    ("negative-workers", "--num-workers must be 0 or more, got -1"),  # was PyTorch's num_workers message
+])
+def test_a_bad_output_or_worker_flag_is_named_before_the_vae_loads(tmp_path, image_folder_path, tiny_vae_path,
+                                                                   monkeypatch, case, message):
+    """Issue 34, second pass."""
+    import extract_features
+    monkeypatch.setattr(extract_features, "extract", lambda *args: pytest.fail("the extraction started"))
+    features = tmp_path / "features"
+    workers = "-1" if case == "negative-workers" else "0"
+    if case == "file-as-folder":
+        features.write_text("notes")
+    with pytest.raises(ValueError, match=f"^{re.escape(message.format(features=features))}$"):
+        run_main("extract_features.py", "--data-path", image_folder_path, "--image-size", "32", "--vae",
+                 tiny_vae_path, "--num-workers", workers, "--device", DEVICE, "--features-path", features)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import ROOT, refuse_writes_in
 
-from ditlib.files import atomic_torch_save, require_writable
+from ditlib.files import atomic_torch_save, check_output_file, check_output_folder, require_writable
 
 
 def test_interrupted_checkpoint_write_keeps_the_previous_file(tmp_path):
@@ -53,3 +53,19 @@ def test_require_writable_probes_and_leaves_nothing(tmp_path, monkeypatch):
                                           f"{os.strerror(code)}; checked before any work") as raised:
             require_writable(tmp_path, "the checkpoints")
         assert raised.value.errno == code and list(tmp_path.iterdir()) == []
+
+
+def test_a_file_where_an_output_folder_goes_is_named_by_its_flag(tmp_path):
+    """Issue 34, second pass: a file in the way of --results-dir, --sample-dir, --features-path,
+    --cache-dir or --work-dir ended in "[Errno 17] File exists: 'x'", some after minutes of work."""
+    check_output_folder(tmp_path / "new" / "deeper", "--cache-dir")
+    assert (tmp_path / "new" / "deeper").is_dir() and list((tmp_path / "new" / "deeper").iterdir()) == []
+    (tmp_path / "text.pt").write_text("a file")
+    with pytest.raises(ValueError, match=f"^--cache-dir: {tmp_path / 'text.pt'} is a file, not a folder$"):
+        check_output_folder(tmp_path / "text.pt", "--cache-dir")
+    with pytest.raises(ValueError, match=f"^--work-dir: {tmp_path / 'text.pt' / 'w'} cannot be created, as part "
+                                         f"of its path is a file$"):
+        check_output_folder(tmp_path / "text.pt" / "w", "--work-dir")
+    with pytest.raises(ValueError, match=f"^the folder of --output x.png: {tmp_path / 'text.pt'} is a file"):
+        check_output_file(tmp_path / "text.pt" / "x.png", "--output")
+    assert (tmp_path / "text.pt").read_text() == "a file"

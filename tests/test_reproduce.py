@@ -45,6 +45,14 @@ def test_a_work_dir_that_cannot_be_written_is_named_before_any_child_runs(tmp_pa
                  tmp_path / "ref.npz", "--work-dir", tmp_path / "w")
 
 
+def test_a_file_named_as_the_work_dir_is_one_line(tmp_path):
+    """Issue 34, second pass: it was "[Errno 17] File exists", naming no flag."""
+    (tmp_path / "model.pt").write_bytes(b"")
+    (tmp_path / "w").write_text("notes")
+    with pytest.raises(ValueError, match=f"^--work-dir: {tmp_path / 'w'} is a file, not a folder$"):
+        run_main("reproduce.py", "--row", "XL/2-256", "--ckpt", tmp_path / "model.pt", "--work-dir", tmp_path / "w")
+
+
 @pytest.mark.slow  # sample_ddp.py, evaluate.py and a download, each a process: about 40 s on 2 cores
 def test_the_chain_runs_offline_and_reports_measured_against_published(tmp_path, trained_checkpoint, tiny_vae_path):
     real = np.random.default_rng(0).integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)

@@ -107,6 +107,15 @@ def test_a_local_vae_replaced_in_place_is_not_topped_up(tmp_path, trained_checkp
         run_main("sample_ddp.py", *args, "--num-fid-samples", "4")
 
 
+def test_a_file_named_as_the_sample_dir_is_one_line_before_the_model_loads(tmp_path, monkeypatch):
+    """Issue 34, second pass: it was "[Errno 20] Not a directory", after the model was loaded."""
+    import sample_ddp
+    monkeypatch.setattr(sample_ddp, "sample", lambda *args: pytest.fail("the model was loaded"))
+    (tmp_path / "samples").write_text("notes")
+    with pytest.raises(ValueError, match=f"^--sample-dir: {tmp_path / 'samples'} is a file, not a folder$"):
+        run_main("sample_ddp.py", "--ckpt", "DiT-XL-2-256x256.pt", "--sample-dir", tmp_path / "samples")
+
+
 def test_sample_ddp_rejects_guidance_below_one(tmp_path, trained_checkpoint):
     with pytest.raises(ValueError, match="--cfg-scale must be a number >= 1.0"):
         run_main("sample_ddp.py", "--ckpt", trained_checkpoint, "--cfg-scale", "0.5", "--device", DEVICE)

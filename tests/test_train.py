@@ -202,6 +202,15 @@ def test_a_checkpoint_folder_that_cannot_be_written_is_found_before_training(tmp
     assert [p.name for p in checkpoints.iterdir()] == ["0000003.pt"]
 
 
+def test_a_file_named_as_the_results_dir_is_one_line(tmp_path, image_folder_path):
+    """Issue 34, second pass: it was "[Errno 17] File exists: 'r'", naming no flag."""
+    (tmp_path / "r").write_text("notes")
+    with pytest.raises(ValueError, match=f"^--results-dir: {re.escape(str(tmp_path / 'r'))} is a file, not a folder$"):
+        run_main("train.py", "--data-path", image_folder_path, "--results-dir", tmp_path / "r", "--max-steps", "1",
+                 "--global-batch-size", "4", *PIXEL)
+    assert (tmp_path / "r").read_text() == "notes"
+
+
 def test_non_finite_loss_names_the_step_and_keeps_the_last_checkpoint(tmp_path, image_folder_path):
     common = ["--data-path", image_folder_path, "--global-batch-size", "4", "--max-steps", "40", "--lr", "1e30", *PIXEL]
     result = run_script("train.py", *common, "--results-dir", tmp_path / "results", "--ckpt-every", "1", check=False)
@@ -603,6 +612,7 @@ def test_tiny_dit_training_drives_loss_down():
     (["--fid-cfg-scale", "0.5"], "--fid-cfg-scale must be a number >= 1.0"),
     (["--fid-every", "2", "--fid-ref", "REF", "--fid-samples", "1"], "--fid-samples must be at least 2"),
     (["--fid-ref", "REF"], "--fid-ref only applies with --fid-every K (without it no FID is measured)"),  # issue 34
+    (["--num-workers", "-1"], "--num-workers must be 0 or more, got -1"),  # issue 34: after the folder was made
 ])
 def test_every_bad_flag_is_one_line_before_any_work(tmp_path, image_folder_path, flags, message):
     """Table of issue 21: each bad value stops the run before any folder, checkpoint or output exists
