@@ -27,6 +27,7 @@ from ditlib.command_line import add_device_flags, add_transport_flags, settings_
 from ditlib.datasets import DataSource, load_data
 from ditlib.errors import flag_names, one_line_errors, require_non_negative, require_positive
 from ditlib.files import check_output_folder
+from ditlib.latents import vae_identity
 from ditlib.monitoring import (
     HEALTH_CHECK_EVERY,
     FidMonitor,
@@ -79,6 +80,8 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
     rate = settings_from(LearningRate, vars(args))
     objective = Objective(transport_of(args))  # DiT's diffusion, or a SiT's transport
 
+    if args.feature_path is None and Path(args.vae).is_dir():  # recorded: a VAE retrained in place
+        args.vae_sha256 = vae_identity(args.vae)["vae_sha256"]  # must not go on in other latents
     # What to resume: decided first, so a damaged checkpoint or a changed flag is reported at once.
     resumed_from, checkpoint, notes = choose_checkpoint(settings_from(ResumePolicy, vars(args)),
                                                         vars(args), rank)

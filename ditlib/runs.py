@@ -27,8 +27,8 @@ from ditlib.weights import load_weights
 FREE_TO_CHANGE = {"max_steps", "epochs", "log_every", "ckpt_every", "keep_last", "keep_every", "num_workers",
                   "sample_every", "sample_steps", "sample_cfg_scale", "sample_grid_size", "fid_every", "fid_ref",
                   "fid_samples", "fid_sampler", "fid_steps", "fid_cfg_scale", "inception", "report_to"}
-FIXED = ("model", "block", "image_size", "num_classes", "vae", "feature_path", "init_from", "path_type", "prediction",
-         "loss_weight", "train_eps", "sample_eps")
+FIXED = ("model", "block", "image_size", "num_classes", "vae", "vae_sha256", "feature_path", "init_from", "path_type",
+         "prediction", "loss_weight", "train_eps", "sample_eps")
 NOT_COMPARED = {"resume", "results_dir", "allow_changed_args", "check_data"}
 
 
@@ -50,6 +50,8 @@ def changed_args(saved: dict, current: dict) -> tuple[list, list, list]:
     for key in sorted(saved.keys() & current.keys() - ignored):
         if saved[key] != current[key]:
             change = f"--{key.replace('_', '-')} {saved[key]} -> {current[key]}"
+            if key == "vae_sha256":  # a local VAE folder's files, not a flag
+                change = f"the files of --vae {current['vae']} (SHA-256 {saved[key]} -> {current[key]})"
             (fixed if key in FIXED else free if key in FREE_TO_CHANGE else other).append(change)
     return fixed, free, other
 

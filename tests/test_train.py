@@ -202,6 +202,27 @@ def test_a_checkpoint_folder_that_cannot_be_written_is_found_before_training(tmp
     assert [p.name for p in checkpoints.iterdir()] == ["0000003.pt"]
 
 
+def test_a_local_vae_retrained_in_place_is_not_resumed_into(tmp_path, image_folder_path, tiny_vae_path):
+    """Issue 34, second pass: the run recorded a local VAE by its path only, so a resume after the
+    folder was rewritten went on training in the new VAE's latents, exit 0."""
+    from diffusers.models import AutoencoderKL
+    shutil.copytree(tiny_vae_path, tmp_path / "vae")
+    common = ["--data-path", image_folder_path, "--results-dir", tmp_path / "r", "--global-batch-size", "4",
+              *latent_args(tmp_path / "vae")]
+    run_main("train.py", *common, "--max-steps", "1")
+    run_main("train.py", *common, "--max-steps", "2", "--resume", "auto")  # the same files: it goes on
+    vae = AutoencoderKL.from_pretrained(tmp_path / "vae")
+    with torch.no_grad():
+        vae.encoder.conv_in.weight.mul_(2)
+    vae.save_pretrained(tmp_path / "vae")
+    with pytest.raises(ValueError, match=rf"other values of flags that define the model, its data or its start \(the "
+                                         rf"files of --vae {re.escape(str(tmp_path / 'vae'))} \(SHA-256 [0-9a-f]{{64}} "
+                                         rf"-> [0-9a-f]{{64}}\)\)"):
+        run_main("train.py", *common, "--max-steps", "3", "--resume", "auto")
+    assert sorted(p.name for p in (only_experiment(tmp_path / "r") / "checkpoints").iterdir()) == \
+        ["0000001.pt", "0000002.pt"]
+
+
 def test_a_file_named_as_the_results_dir_is_one_line(tmp_path, image_folder_path):
     """Issue 34, second pass: it was "[Errno 17] File exists: 'r'", naming no flag."""
     (tmp_path / "r").write_text("notes")
