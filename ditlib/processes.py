@@ -2,6 +2,7 @@
 import ctypes
 import logging
 import os
+import re
 import sys
 from contextlib import contextmanager
 from datetime import timedelta
@@ -14,6 +15,8 @@ import torch.distributed as dist
 from ditlib.errors import SettingError
 
 T = TypeVar("T")
+# What a command prints when it refuses (one_line_errors, argparse): "train.py: error: ...".
+ONE_LINE_ERROR = re.compile(r"^\S+\.py: error: ")
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -121,17 +124,19 @@ def close_logger(logger: logging.Logger) -> None:
 def run_child(command: list, cwd: Optional[Union[str, Path]] = None, env: Optional[dict] = None) -> None:
     """Run a project command as a child process, its output shown as it comes. If it fails, one
     ChildProcessError (an OSError, so a command prints it as one line) names the command, its exit
-    status and the last line it wrote to stderr: the child's own one-line error."""
+    status and the child's own one-line error ("script.py: error: ..."; else the last line it wrote
+    to stderr: torchrun follows its ranks' errors with a report of its own)."""
     import subprocess
 
-    last = ""
+    last = error = ""
     with subprocess.Popen([str(part) for part in command], cwd=cwd, env=env, stderr=subprocess.PIPE,
                           text=True, errors="replace") as child:
         for line in child.stderr:
             sys.stderr.write(line)
             sys.stderr.flush()
             last = line.strip().split("\r")[-1].strip() or last
+            error = last if ONE_LINE_ERROR.match(last) else error
     if child.returncode:
         name = next((Path(part).name for part in command if str(part).endswith(".py")), str(command[0]))
-        raise ChildProcessError(f"{name} exited with status {child.returncode}: {last or 'no message'} "
+        raise ChildProcessError(f"{name} exited with status {child.returncode}: {error or last or 'no message'} "
                                 f"(command: {' '.join(map(str, command))})")

@@ -1,4 +1,6 @@
 """ditlib/processes.py: devices."""
+import os
+
 import pytest
 import torch
 
@@ -31,3 +33,17 @@ def test_a_failing_child_is_one_line_with_its_last_error_and_command(tmp_path, c
     output = capfd.readouterr()
     assert "working" in output.out and "child.py: error: bad" in output.err  # shown as it came
     run_child([sys.executable, "-c", "pass"])  # a success says nothing
+
+
+def test_a_child_under_torchrun_is_named_by_its_own_error_not_torchruns_report(tmp_path):
+    """Issue 34, second pass: torchrun ends a failed run with a report of its own, so the last line
+    was "=====..." and the demo's and the experiments' errors (two ranks by default) said nothing."""
+    import sys
+
+    from ditlib.processes import run_child
+    script = tmp_path / "child.py"
+    script.write_text("import sys\nsys.exit('child.py: error: --lr must be positive')\n")
+    with pytest.raises(ChildProcessError, match=r"^child.py exited with status 1: child.py: error: --lr must be "
+                                                r"positive \(command: "):
+        run_child([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script],
+                  env={**os.environ, "OMP_NUM_THREADS": "1"})
