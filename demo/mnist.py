@@ -15,7 +15,6 @@
 """
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,14 +24,17 @@ import torch
 
 from ditlib.command_line import settings_from
 from ditlib.errors import one_line_errors
+from ditlib.files import atomic_write_text
 from ditlib.images import to_uint8_images
 from ditlib.metrics import evaluate, image_features
+from ditlib.processes import run_child
 from experiments.digits import (
     ROOT,
     Recipe,
     accuracy,
     add_recipe_flags,
     as_model_input,
+    check_recipe_flags,
     digit_distance,
     draw,
     fid_network,
@@ -53,6 +55,7 @@ def main() -> None:
     add_recipe_flags(parser)
     parser.add_argument("--cfg-scale", type=float, default=8.0)
     args = parser.parse_args()
+    check_recipe_flags(args)
     started = time.time()
 
     digits, labels = load_mnist()
@@ -69,9 +72,9 @@ def main() -> None:
 
     grid_path = args.out / "samples.png"
     grid_labels = [str(digit) for _ in range(min(args.per_class, 10)) for digit in range(10)]
-    subprocess.run([sys.executable, str(ROOT / "sample.py"), "--ckpt", str(checkpoint), "--class-labels", *grid_labels,
-                    "--nrow", "10", "--num-sampling-steps", str(args.sample_steps), "--cfg-scale", str(args.cfg_scale),
-                    "--output", str(grid_path), "--device", "cpu"], check=True)
+    run_child([sys.executable, ROOT / "sample.py", "--ckpt", checkpoint, "--class-labels", *grid_labels, "--nrow", "10",
+               "--num-sampling-steps", args.sample_steps, "--cfg-scale", args.cfg_scale, "--output", grid_path,
+               "--device", "cpu"])
     sample_labels = torch.arange(10).repeat_interleave(args.per_class)
     model = load_digit_model(checkpoint)
     samples, sample_seconds = draw(model, "ddpm", args.sample_steps, None, args.cfg_scale, sample_labels,
@@ -115,7 +118,7 @@ def main() -> None:
         "fid_images": [len(samples), min(args.fid_reference, len(train_part))], "fid_seconds": round(fid_seconds, 1),
         "total_seconds": round(time.time() - started, 1),
     }
-    (args.out / "report.json").write_text(json.dumps(report, indent=1))
+    atomic_write_text(args.out / "report.json", json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
     print(f"[demo] sample grid (one digit class per column, 0-9): {grid_path}")
     print(f"[demo] training run, log and checkpoint: {experiment}")

@@ -17,6 +17,7 @@ import torch
 
 from ditlib.command_line import settings_from
 from ditlib.errors import one_line_errors
+from ditlib.files import atomic_write_text
 from ditlib.images import to_uint8_images
 from ditlib.metrics import evaluate, image_features
 from experiments.digits import (
@@ -25,6 +26,7 @@ from experiments.digits import (
     accuracy,
     add_recipe_flags,
     as_model_input,
+    check_recipe_flags,
     draw,
     fid_network,
     fid_reference,
@@ -67,6 +69,7 @@ def main() -> None:
     parser.add_argument("--designs", nargs="+", choices=BLOCK_DESIGNS, default=list(BLOCK_DESIGNS))
     parser.add_argument("--log-every", type=int, default=50)
     args = parser.parse_args()
+    check_recipe_flags(args)
 
     digits, labels = load_mnist()
     data = write_image_folder(digits, labels, args.out / "mnist")
@@ -102,8 +105,8 @@ def main() -> None:
     table += [f"| {r['block']} | {r['params']:,} | {r['steps']} | {r['final_loss']:.4f} | {r['class_accuracy']:.3f} "
               f"| {r['fid']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} |" for r in rows]
     table.append(f"| (held-out real digits) | | | | | {floor:.2f} | | |")
-    (args.out / "ablation.md").write_text("\n".join(table) + "\n")
-    (args.out / "ablation.json").write_text(json.dumps({"rows": rows, "fid_floor": floor, "args": {
+    atomic_write_text(args.out / "ablation.md", "\n".join(table) + "\n")
+    atomic_write_text(args.out / "ablation.json", json.dumps({"rows": rows, "fid_floor": floor, "args": {
         k: str(v) for k, v in vars(args).items()}}, indent=1))
     plot_losses(curves, args.out / "loss_curves.png")
     print("\n".join(table))

@@ -16,7 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from ditlib.errors import one_line_errors
+from ditlib.errors import SettingError, one_line_errors, require_positive
+from ditlib.files import check_output_folder
 from ditlib.images import center_crop_arr
 from ditlib.metrics import (
     InceptionNetwork,
@@ -162,6 +163,16 @@ def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
                         help="training processes (several: torchrun, one thread each; 1: plain python): on 2 "
                              "cores a model this small trains faster as two one-thread processes than as one "
                              "two-thread process")
+
+
+def check_recipe_flags(args: argparse.Namespace) -> None:
+    """add_recipe_flags' values and the script's --out, checked before the minutes of training that
+    come first (a bad count ended in a traceback after them, or was taken as another)."""
+    require_positive(**{name: getattr(args, name) for name in (
+        "image_size", "max_steps", "global_batch_size", "sample_steps", "per_class", "nproc")})
+    if args.fid_reference < 2:
+        raise SettingError("fid_reference", f"must be at least 2 (a covariance), got {args.fid_reference}")
+    check_output_folder(args.out, "--out")
 
 
 def train(recipe: Recipe, data: Path, results: Path, *extra: str) -> Path:

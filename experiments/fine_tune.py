@@ -19,6 +19,7 @@ import torch
 
 from ditlib.command_line import settings_from
 from ditlib.errors import one_line_errors
+from ditlib.files import atomic_write_text
 from ditlib.images import to_uint8_images
 from ditlib.metrics import evaluate, image_features
 from experiments.digits import (
@@ -27,6 +28,7 @@ from experiments.digits import (
     accuracy,
     add_recipe_flags,
     as_model_input,
+    check_recipe_flags,
     draw,
     fid_network,
     fid_reference,
@@ -61,6 +63,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--reference", type=int, default=1000)
     parser.add_argument("--cfg-scale", type=float, default=4.0)
     args = parser.parse_args(argv)
+    check_recipe_flags(args)
 
     digits, labels = load_mnist()
     low = labels < 5
@@ -84,10 +87,9 @@ def main(argv=None) -> dict:
     table = ["| run | steps on all digits | class accuracy | on 0-4 | on 5-9 | FID |", "|---|---|---|---|---|---|"]
     table += [f"| {name} | {args.steps} | {r['accuracy']:.3f} | {r['accuracy_0_4']:.3f} | {r['accuracy_5_9']:.3f} | "
               f"{r['fid']:.2f} |" for name, r in rows.items()]
-    (args.out / "fine_tune.json").write_text(json.dumps({"rows": rows, "args": {k: str(v) for k,
-                                                                                v in vars(args).items()}},
-                                                        indent=1))
-    (args.out / "fine_tune.md").write_text("\n".join(table) + "\n")
+    atomic_write_text(args.out / "fine_tune.json", json.dumps({"rows": rows, "args": {
+        k: str(v) for k, v in vars(args).items()}}, indent=1))
+    atomic_write_text(args.out / "fine_tune.md", "\n".join(table) + "\n")
     print("\n".join(table))
     return rows
 

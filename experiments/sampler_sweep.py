@@ -18,6 +18,7 @@ import torch
 
 from ditlib.command_line import settings_from
 from ditlib.errors import one_line_errors
+from ditlib.files import atomic_write_text
 from ditlib.images import to_uint8_images
 from ditlib.metrics import evaluate, image_features
 from ditlib.samplers import Sampler
@@ -27,6 +28,7 @@ from experiments.digits import (
     accuracy,
     add_recipe_flags,
     as_model_input,
+    check_recipe_flags,
     draw,
     fid_network,
     fid_reference,
@@ -103,7 +105,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS, help="sampler:steps[:LO-HI] ...")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "sampler_sweep.png")
     args = parser.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
+    check_recipe_flags(args)
 
     digits, labels = load_mnist()
     checkpoint = args.ckpt
@@ -134,12 +136,12 @@ def main(argv=None) -> dict:
                        "fid": metrics["fid"], "sfid": metrics["sfid"],
                        "accuracy": accuracy(classifier, samples.mean(1, keepdim=True), class_labels)}
         print(markdown([stored[key]])[-1], flush=True)
-        results_path.write_text(json.dumps(stored, indent=1))
+        atomic_write_text(results_path, json.dumps(stored, indent=1))
 
     rows = [stored[f"{checkpoint.resolve()}|{s}|{args.samples}|{args.cfg_scale}|{args.reference}"]
             for s in args.settings]
     table = markdown(rows)
-    (args.out / "sweep.md").write_text("\n".join(table) + "\n")
+    atomic_write_text(args.out / "sweep.md", "\n".join(table) + "\n")
     print("\n".join(table))
     args.plot.parent.mkdir(parents=True, exist_ok=True)
     plot(rows, args.plot)

@@ -42,3 +42,26 @@ def test_fid_reference_is_cached_and_read_back(tmp_path):
     assert (tmp_path / "fid_reference_16px_10.npz").is_file()
     again = fid_reference(network, real, torch.arange(10), tmp_path)
     assert np.array_equal(again["mu"], first["mu"]) and np.array_equal(again["pool3"], first["pool3"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--per-class", "0"], "--per-class must be at least 1, got 0"),  # was sample.py's CalledProcessError
+    (["--fid-reference", "1"], "--fid-reference must be at least 2 (a covariance), got 1"),  # was a conv2d error
+    (["--nproc", "0"], "--nproc must be at least 1, got 0"),  # was taken as 1
+    (["--out", "FILE"], "--out: FILE is a file, not a folder"),  # was "[Errno 20] Not a directory"
+])
+def test_a_bad_recipe_flag_is_one_line_before_the_digits_are_written(tmp_path, monkeypatch, flags, message):
+    """Issue 34, second pass: these ended the demo after its training run (the first two in a
+    traceback) or at its first file."""
+    import sys
+
+    import demo.mnist
+    from ditlib.errors import SettingError
+    (tmp_path / "file").write_text("notes")
+    flags = [str(tmp_path / "file") if flag == "FILE" else flag for flag in flags]
+    monkeypatch.setattr(sys, "argv", ["mnist.py", "--out", str(tmp_path / "out"), "--max-steps", "1", *flags])
+    with pytest.raises(ValueError) as raised:
+        demo.mnist.main()
+    error = raised.value.as_flag() if isinstance(raised.value, SettingError) else raised.value
+    assert str(error) == message.replace("FILE", str(tmp_path / "file"))
+    assert not (tmp_path / "out" / "mnist").exists()
