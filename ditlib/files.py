@@ -53,6 +53,28 @@ def atomic_write(path: Union[str, Path], expected_bytes: Optional[int] = None) -
         raise
 
 
+@contextmanager
+def atomic_folder(path: Union[str, Path]) -> Iterator[Path]:
+    """A new folder to fill, which replaces `path` only once it is complete: a failed or killed
+    write never leaves half a folder, nor one whose files mix an earlier version's with this one's.
+    A kill between the two renames leaves the earlier folder beside it as .{name}.*.old."""
+    path = Path(path)
+    staging = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    staging.mkdir()
+    try:
+        yield staging
+        if path.exists():
+            earlier = staging.with_suffix(".old")
+            path.rename(earlier)
+            staging.rename(path)
+            shutil.rmtree(earlier)
+        else:
+            staging.rename(path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def storage_limit(error: BaseException) -> Optional[int]:
     """The errno of a full disk, a quota or a file-size limit behind an error, however deeply it is
     chained (torch.save reports one as a RuntimeError from its zip writer with the OSError as its

@@ -31,3 +31,29 @@ def test_a_sit_is_refused_in_one_line(tmp_path):
         run_main("convert_diffusers.py", "export", "--ckpt", tmp_path / "s.pt", "--model", "SiT-Pico/4",
                  "--image-size", "8", "--vae", "none", "--num-classes", "2", "--out", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_an_export_over_an_earlier_pipeline_replaces_it_whole(tmp_path, tiny_vae_path, trained_checkpoint):
+    """Issue 34, second pass: a transformer exported into a DiTPipeline folder was written beside the
+    pipeline's transformer/, which import and DiTPipeline kept reading: the old weights, exit 0."""
+    other = {k: v if k == "pos_embed" else v + 1  # diffusers recomputes the fixed positional embedding
+             for k, v in torch.load(trained_checkpoint, weights_only=True)["ema"].items()}
+    torch.save(other, tmp_path / "other.pt")
+    export = ["convert_diffusers.py", "export", "--model", "DiT-Nano/2", "--image-size", "32", "--num-classes", "2",
+              "--out", tmp_path / "pipe"]
+    run_main(*export, "--ckpt", trained_checkpoint, "--vae", tiny_vae_path)
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "pipe").rglob("*"))
+    with pytest.raises(ValueError, match="is not empty; pass --overwrite to replace it with this export"):
+        run_main(*export, "--ckpt", tmp_path / "other.pt")
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "pipe").rglob("*")) == before
+    run_main(*export, "--ckpt", tmp_path / "other.pt", "--overwrite")
+    transformer_only = ["config.json", "diffusion_pytorch_model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "pipe").iterdir()) == transformer_only
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.pt", "pipe"]  # no staging or earlier folder left
+    run_main("convert_diffusers.py", "import", "--folder", tmp_path / "pipe", "--out", tmp_path / "back.pt")
+    back = torch.load(tmp_path / "back.pt", weights_only=True)
+    assert all(torch.equal(back[k], other[k]) for k in other)
+    with pytest.raises(ValueError, match="back.pt exists; pass --overwrite to replace it"):  # a checkpoint, maybe
+        run_main("convert_diffusers.py", "import", "--folder", tmp_path / "pipe", "--out", tmp_path / "back.pt")
+    with pytest.raises(ValueError, match="is not a diffusers folder .*--overwrite replaces only an earlier export"):
+        run_main(*export[:-1], tmp_path, "--ckpt", tmp_path / "other.pt", "--overwrite")

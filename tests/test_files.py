@@ -8,7 +8,13 @@ import pytest
 import torch
 from helpers import ROOT, refuse_writes_in
 
-from ditlib.files import atomic_torch_save, check_output_file, check_output_folder, require_writable
+from ditlib.files import (
+    atomic_folder,
+    atomic_torch_save,
+    check_output_file,
+    check_output_folder,
+    require_writable,
+)
 
 
 def test_interrupted_checkpoint_write_keeps_the_previous_file(tmp_path):
@@ -69,3 +75,17 @@ def test_a_file_where_an_output_folder_goes_is_named_by_its_flag(tmp_path):
     with pytest.raises(ValueError, match=f"^the folder of --output x.png: {tmp_path / 'text.pt'} is a file"):
         check_output_file(tmp_path / "text.pt" / "x.png", "--output")
     assert (tmp_path / "text.pt").read_text() == "a file"
+
+
+def test_an_atomic_folder_replaces_the_earlier_one_whole_or_not_at_all(tmp_path):
+    with atomic_folder(tmp_path / "out") as staging:
+        (staging / "a").write_text("first")
+        (staging / "sub").mkdir()
+    with pytest.raises(RuntimeError, match="interrupted"):
+        with atomic_folder(tmp_path / "out") as staging:
+            (staging / "b").write_text("second")
+            raise RuntimeError("interrupted")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a", "sub"]
+    with atomic_folder(tmp_path / "out") as staging:
+        (staging / "b").write_text("second")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in (tmp_path / "out").iterdir()] == ["b"]
