@@ -51,13 +51,13 @@ def test_a_file_size_limit_is_named_and_the_previous_checkpoint_stays(tmp_path):
 
 
 def test_require_writable_probes_and_leaves_nothing(tmp_path, monkeypatch):
-    require_writable(tmp_path, "the checkpoints")
+    require_writable(tmp_path, "where the checkpoints go")
     assert list(tmp_path.iterdir()) == []
     for code in (errno.EACCES, errno.EROFS, errno.EDQUOT):
         refuse_writes_in(monkeypatch, tmp_path, code)
         with pytest.raises(OSError, match=f"cannot write in {tmp_path} \\(where the checkpoints go\\): "
                                           f"{os.strerror(code)}; checked before any work") as raised:
-            require_writable(tmp_path, "the checkpoints")
+            require_writable(tmp_path, "where the checkpoints go")
         assert raised.value.errno == code and list(tmp_path.iterdir()) == []
 
 
