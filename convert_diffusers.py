@@ -48,8 +48,8 @@ def check_export_folder(out: Path, overwrite: bool) -> None:
         raise ValueError(f"--out {out} is a file; give a folder")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
-            raise ValueError(f"--out {out} is not empty; pass --overwrite to replace it with this export, "
-                             f"or choose another folder")
+            raise ValueError(f"--out {out} is not empty; pass --overwrite to replace it with this "
+                             f"export, or choose another folder")
         if not any((out / name).is_file() for name in ("config.json", "model_index.json")):
             raise ValueError(f"--out {out} is not a diffusers folder (no config.json or "
                              f"model_index.json); --overwrite replaces only an earlier export")
@@ -59,7 +59,8 @@ def check_export_folder(out: Path, overwrite: bool) -> None:
 def import_command(args: argparse.Namespace) -> None:
     check_output_file(args.out, "--out")
     if Path(args.out).exists() and not args.overwrite:
-        raise ValueError(f"--out {args.out} exists; pass --overwrite to replace it, or choose another file")
+        raise ValueError(f"--out {args.out} exists; pass --overwrite to replace it, or choose "
+                         f"another file")
     state_dict, kwargs = read_diffusers_weights(args.folder, "folder")
     DiT(**kwargs).load_state_dict(state_dict, strict=True)
     atomic_torch_save(state_dict, args.out)
@@ -73,7 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_model_flags(export, default_vae="ema",
                     vae_help="also write a DiTPipeline with this VAE (ema, mse or a folder)")
     export.add_argument("--out", required=True)
-    export.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier export in --out")
     importer = commands.add_parser("import", help="diffusers folder -> DiT state dict")
     importer.add_argument("--folder", required=True,
                           help="a DiTTransformer2DModel folder or a DiTPipeline folder")

@@ -60,6 +60,7 @@ def extract(args: argparse.Namespace, rank: int, world_size: int, device: torch.
     out = Path(args.features_path)
     identity = vae_identity(args.vae) if rank == 0 else None
     if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
         # --overwrite: the folder is incomplete until meta.json returns
         (out / FEATURES_META).unlink(missing_ok=True)
     dist.barrier()

@@ -159,6 +159,7 @@ def main(args: argparse.Namespace) -> Optional[dict]:
     if args.ckpt and not Path(args.ckpt).is_file():  # before a download starts
         raise ValueError(f"--ckpt {args.ckpt}: no such file")
     check_output_folder(work, "--work-dir")
+    work.mkdir(parents=True, exist_ok=True)
     checkpoint = Path(args.ckpt) if args.ckpt else download_model(row.checkpoint,
                                                                   work / "checkpoints")
     if args.ref_batch and Path(args.ref_batch).is_file():

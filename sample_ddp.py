@@ -48,8 +48,8 @@ SAMPLER_VERSION = 1
 def sample_settings(args: argparse.Namespace, config: ModelConfig, sampler, world_size: int,
                     device: torch.device) -> dict:
     """Everything that decides which image lands under which index (--num-fid-samples only decides
-    how many): the weights and a local VAE by content, the model, the sampler and its options, the random streams
-    (seed, world size, batch, device), TF32, and the versions of the code."""
+    how many): the weights and a local VAE by content, the model, the sampler and its options, the
+    random streams (seed, world size, batch, device), TF32, and the versions of the code."""
     local = args.ckpt is not None and not official_name(args.ckpt)
     return {
         "checkpoint_sha256": file_digest(args.ckpt) if local else None,

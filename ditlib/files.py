@@ -145,24 +145,27 @@ def require_writable(folder: Union[str, Path], contents: str) -> None:
 
 
 def check_output_folder(folder: Union[str, Path], what: str) -> None:
-    """An output folder (`what`: the flag that names it), created and probed before the work whose
-    results it is to hold (a typo'd or read-only destination was found only when they were written)."""
+    """Find out before the work whose results an output folder (`what`: the flag that names it) is
+    to hold whether they can be written there (a file in the way, or a read-only destination, was
+    found only when they were). Nothing is created: the folder is probed if it exists, else the
+    nearest folder above it, where it will be made."""
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"{what}: {folder} is a file, not a folder")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise ValueError(f"{what}: {folder} cannot be created, as part of its path is a file") from None
-    require_writable(folder, what)
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{what}: {folder} is a file, not a folder" if existing == folder.absolute() else
+                         f"{what}: {folder} cannot be created, as {existing} is a file")
+    require_writable(existing, what)
 
 
 def check_output_file(path: Union[str, Path], flag: str) -> None:
-    """An output file's folder, created and probed before the work whose result it is to hold."""
+    """An output file's folder, checked and created before the work whose result it is to hold."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{flag} {path} is a folder; give a file name")
     check_output_folder(path.parent, f"the folder of {flag} {path.name}")
+    path.parent.mkdir(parents=True, exist_ok=True)
 
 
 def file_digest(path: Union[str, Path]) -> str:

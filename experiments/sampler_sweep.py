@@ -106,6 +106,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "sampler_sweep.png")
     args = parser.parse_args(argv)
     check_recipe_flags(args)
+    args.out.mkdir(parents=True, exist_ok=True)
 
     digits, labels = load_mnist()
     checkpoint = args.ckpt

@@ -111,6 +111,7 @@ def test_an_output_that_cannot_be_written_is_found_before_any_feature(tmp_path, 
     (tmp_path / "folder.json").mkdir()
     with pytest.raises(ValueError, match=f"--json {re.escape(str(tmp_path / 'folder.json'))} is a folder"):
         run_main("evaluate.py", sets["half_a"], sets["half_b"], "--json", tmp_path / "folder.json")
+    (tmp_path / "out").mkdir()
     refuse_writes_in(monkeypatch, tmp_path / "out")
     for flag in ("--save-stats", "--json"):
         with pytest.raises(PermissionError, match=f"cannot write in {re.escape(str(tmp_path / 'out'))} \\(the "

@@ -108,6 +108,7 @@ def test_an_output_folder_that_cannot_be_written_is_found_before_sampling(tmp_pa
     """Issue 34, second pass: --output in a read-only folder was found when the grid was saved."""
     import sample
     monkeypatch.setattr(sample, "load_model_for_sampling", lambda *args, **kwargs: pytest.fail("sampled"))
+    (tmp_path / "grids").mkdir()
     refuse_writes_in(monkeypatch, tmp_path / "grids", 30)
     with pytest.raises(OSError, match=re.escape(f"cannot write in {tmp_path / 'grids'} (the folder of --output "
                                                 f"x.png): Read-only file system; checked before any work")):
