@@ -40,15 +40,21 @@ def main(args: argparse.Namespace) -> None:
     if args.save_stats is None and args.reference is None:
         raise ValueError("give a reference batch to compare with, or --save-stats OUT.npz to write "
                          "statistics")
-    for path in (args.inputs, args.reference):
-        if args.save_stats is not None and path is not None \
-                and Path(args.save_stats).resolve() == Path(path).resolve():
-            raise ValueError(f"--save-stats {args.save_stats} is an input of this command; writing "
-                             f"there would replace it: choose another file")
+    for flag, output in (("--save-stats", args.save_stats), ("--json", args.json)):
+        for path in (args.inputs, args.reference):
+            if output is not None and path is not None \
+                    and Path(output).resolve() == Path(path).resolve():
+                raise ValueError(f"{flag} {output} is an input of this command; writing there "
+                                 f"would replace it: choose another file")
     if args.save_stats is not None and Path(args.save_stats).exists() and not args.overwrite:
         raise ValueError(f"--save-stats {args.save_stats} exists; pass --overwrite to replace it "
                          f"with the statistics (a batch of images there would be lost), or choose "
                          f"another file")
+    if args.json is not None and Path(args.json).is_file() and not args.overwrite \
+            and not holds_json(args.json):  # an earlier record is replaced, as reproduce.py reruns
+        raise ValueError(f"--json {args.json} exists and is not a JSON record (a batch or a "
+                         f"checkpoint there would be lost); pass --overwrite to replace it, or "
+                         f"choose another file")
     for flag, path in (("--save-stats", args.save_stats), ("--json", args.json)):
         if path is not None:  # found now, not after the features of 50,000 images
             check_output_file(path, flag)
@@ -111,6 +117,17 @@ def report(args: argparse.Namespace, rank: int, world_size: int, device) -> None
         atomic_write_text(args.json, json.dumps(record, indent=1))
 
 
+def holds_json(path: str) -> bool:
+    """The file is a small JSON document (an earlier --json record), not a batch or a checkpoint."""
+    if Path(path).stat().st_size > 1 << 20:
+        return False
+    try:
+        json.loads(Path(path).read_bytes())
+    except ValueError:  # not UTF-8, or not JSON
+        return False
+    return True
+
+
 def warnings(first_name: str, first: dict, second_name: str, second: dict) -> list:
     """What makes a comparison of these two sets mean less than it seems to."""
     found = []
@@ -141,7 +158,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--save-stats", default=None, metavar="OUT.npz",
                         help="write the statistics of the first input")
     parser.add_argument("--overwrite", action="store_true",
-                        help="let --save-stats replace an existing file")
+                        help="let --save-stats replace an existing file (and --json one that is "
+                             "not a JSON record)")
     parser.add_argument("--inception", default=None, metavar="PATH",
                         help="local FID network weights (default: download)")
     parser.add_argument("--image-size", type=int, default=None,

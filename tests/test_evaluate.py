@@ -103,6 +103,26 @@ def test_save_stats_never_replaces_an_input(tmp_path, sets):
     assert set(np.load(other).files) >= {"mu", "sigma"}
 
 
+def test_json_never_replaces_an_input_or_a_file_that_is_not_a_record(tmp_path, sets):
+    """Issue 34, second pass: --json onto the reference batch (or another batch) replaced its images
+    with the metrics, exit 0. An earlier record is still replaced, as reproduce.py's reruns need."""
+    samples, reference, other = tmp_path / "samples.npz", tmp_path / "ref.npz", tmp_path / "other.npz"
+    np.savez(samples, arr_0=np.load(sets["half_a"])["arr_0"][:4])  # four a side (k=3 for recall): a second
+    np.savez(reference, arr_0=np.load(sets["half_b"])["arr_0"][:4])
+    other.write_bytes(reference.read_bytes())
+    before = reference.read_bytes()
+    common = [samples, reference, "--inception", fid_network_path()]
+    with pytest.raises(ValueError, match=f"--json {re.escape(str(reference))} is an input of this command"):
+        run_main("evaluate.py", *common, "--json", reference)
+    with pytest.raises(ValueError, match=f"--json {re.escape(str(other))} exists and is not a JSON record"):
+        run_main("evaluate.py", *common, "--json", other)
+    assert reference.read_bytes() == other.read_bytes() == before
+    record = tmp_path / "metrics.json"
+    record.write_text('{"fid": 1.0}')
+    run_main("evaluate.py", *common, "--json", record)
+    assert json.loads(record.read_text())["fid"] != 1.0
+
+
 def test_an_output_that_cannot_be_written_is_found_before_any_feature(tmp_path, sets, monkeypatch):
     """Issue 34, second pass: --save-stats or --json in a folder the run may not write in (or
     --json naming a folder) failed after every image's features were computed."""
