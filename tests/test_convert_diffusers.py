@@ -57,3 +57,7 @@ def test_an_export_over_an_earlier_pipeline_replaces_it_whole(tmp_path, tiny_vae
         run_main("convert_diffusers.py", "import", "--folder", tmp_path / "pipe", "--out", tmp_path / "back.pt")
     with pytest.raises(ValueError, match="is not a diffusers folder .*--overwrite replaces only an earlier export"):
         run_main(*export[:-1], tmp_path, "--ckpt", tmp_path / "other.pt", "--overwrite")
+    with pytest.raises(ValueError, match="other.pt is a file; give a folder"):
+        run_main(*export[:-1], tmp_path / "other.pt", "--ckpt", trained_checkpoint, "--overwrite")
+    assert torch.equal(torch.load(tmp_path / "other.pt", weights_only=True)["y_embedder.embedding_table.weight"],
+                       other["y_embedder.embedding_table.weight"])

@@ -61,11 +61,15 @@ def test_require_writable_probes_and_leaves_nothing(tmp_path, monkeypatch):
         assert raised.value.errno == code and list(tmp_path.iterdir()) == []
 
 
-def test_a_file_where_an_output_folder_goes_is_named_by_its_flag(tmp_path):
+def test_a_file_where_an_output_folder_goes_is_named_by_its_flag(tmp_path, monkeypatch):
     """Issue 34, second pass: a file in the way of --results-dir, --sample-dir, --features-path,
     --cache-dir or --work-dir ended in "[Errno 17] File exists: 'x'", some after minutes of work."""
     check_output_folder(tmp_path / "new" / "deeper", "--cache-dir")
     assert list(tmp_path.iterdir()) == []  # probed where it will be made; nothing created
+    refuse_writes_in(monkeypatch, tmp_path, errno.EROFS)
+    with pytest.raises(OSError, match=f"cannot write in {tmp_path} \\(--cache-dir\\): Read-only file system"):
+        check_output_folder(tmp_path / "new" / "deeper", "--cache-dir")
+    monkeypatch.undo()
     (tmp_path / "text.pt").write_text("a file")
     with pytest.raises(ValueError, match=f"^--cache-dir: {tmp_path / 'text.pt'} is a file, not a folder$"):
         check_output_folder(tmp_path / "text.pt", "--cache-dir")

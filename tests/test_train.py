@@ -223,6 +223,22 @@ def test_a_local_vae_retrained_in_place_is_not_resumed_into(tmp_path, image_fold
         ["0000001.pt", "0000002.pt"]
 
 
+def test_a_folder_named_as_a_hub_vae_is_not_taken_for_a_local_one(tmp_path, image_folder_path, monkeypatch):
+    """--vae ema means the hub's VAE even beside a folder called ema (as load_vae reads it); the
+    recording of local VAEs by hash ended such a run in a KeyError."""
+    import train
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ema").mkdir()
+
+    def reached(*args):
+        raise ValueError("the data and the VAE are loaded next")
+    monkeypatch.setattr(train, "load_data", reached)
+    with pytest.raises(ValueError, match="the data and the VAE are loaded next"):
+        run_main("train.py", "--data-path", image_folder_path, "--results-dir", tmp_path / "r", "--max-steps", "1",
+                 "--global-batch-size", "4", "--model", "DiT-Nano/2", "--image-size", "32", "--vae", "ema",
+                 "--num-classes", "2", "--num-workers", "0", "--device", DEVICE)
+
+
 def test_a_file_named_as_the_results_dir_is_one_line(tmp_path, image_folder_path):
     """Issue 34, second pass: it was "[Errno 17] File exists: 'r'", naming no flag."""
     (tmp_path / "r").write_text("notes")
