@@ -80,8 +80,9 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
     rate = settings_from(LearningRate, vars(args))
     objective = Objective(transport_of(args))  # DiT's diffusion, or a SiT's transport
 
-    if args.feature_path is None and Path(args.vae).is_dir():  # recorded: a VAE retrained in place
-        args.vae_sha256 = vae_identity(args.vae).get("vae_sha256")  # must not go on in other latents
+    # A local VAE is recorded by content: a run must not resume into one retrained in place.
+    if args.feature_path is None and Path(args.vae).is_dir():
+        args.vae_sha256 = vae_identity(args.vae).get("vae_sha256")  # None: a hub name
     # What to resume: decided first, so a damaged checkpoint or a changed flag is reported at once.
     resumed_from, checkpoint, notes = choose_checkpoint(settings_from(ResumePolicy, vars(args)),
                                                         vars(args), rank)
